@@ -1,0 +1,17 @@
+"""Errors a user can fix. Their message is the whole report: what is wrong, where, and the fix."""
+
+
+class FlexexpError(Exception):
+    """Base of the errors the command-line entry points print without a traceback."""
+
+
+class ConfigError(FlexexpError, ValueError):
+    """A config value that cannot work; the message names the key, the value and the fix."""
+
+
+class DataError(FlexexpError, RuntimeError):
+    """Data that cannot be loaded; the message names the dataset, the path and the fix."""
+
+
+class DivergenceError(FlexexpError, FloatingPointError):
+    """The training loss became NaN or infinite."""

@@ -1,0 +1,164 @@
+"""What a run leaves on disk: atomic files, checkpoints, the result record, TensorBoard.
+
+Every file is written to a temporary name in the same folder, flushed to disk and then
+renamed over the target, so a kill at any moment leaves either the old file or the new
+one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "write_json",
+    "read_json",
+    "save_checkpoint",
+    "load_checkpoint",
+    "git_commit",
+    "TensorBoardLogger",
+]
+
+RESULT_FILE = "result.json"
+CHECKPOINT_FILE = "last.pt"
+CELL_FILE = "cell.json"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """Atomically write ``obj`` as indented JSON (NaN/inf become null, as JSON has neither)."""
+    atomic_write_text(path, json.dumps(_finite(obj), indent=2, sort_keys=False) + "\n")
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    """Atomically save a checkpoint (tensors, numbers, strings, lists and dicts only)."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """Load a checkpoint with ``weights_only=True``; a corrupt one is moved aside.
+
+    Returns ``None`` when there is no checkpoint, or when it could not be read (it is
+    then renamed to ``<name>.corrupt-<time>`` and kept, and the run starts afresh).
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError("not a flexexp checkpoint (no 'model' entry)")
+        return state
+    except Exception as exc:  # any unreadable file: keep it, start over
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(path, aside)
+        log.warning(
+            "checkpoint %s could not be read (%s: %s); moved it to %s and starting this run "
+            "from scratch",
+            path, type(exc).__name__, exc, aside.name,
+        )
+        return None
+
+
+def git_commit(repo: Path | None = None) -> str | None:
+    """The commit of the flexexp checkout (with ``-dirty`` when it has local changes)."""
+    repo = repo or Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10
+        )
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=repo, capture_output=True, text=True, timeout=10,
+        )
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+class TensorBoardLogger:
+    """Scalars and FlexPool weight pictures under ``<run_dir>/tb``; a no-op when disabled."""
+
+    def __init__(self, log_dir: Path | None) -> None:
+        self.writer = None
+        if log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: dict[str, float | None], step: int) -> None:
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(tag, value, step)
+
+    def flex_weights(self, pools: list[tuple[str, torch.nn.Module]], step: int) -> None:
+        """One picture per FlexPool: a grid of its per-channel weight maps, min-max scaled."""
+        if self.writer is None or not pools:
+            return
+        from torchvision.utils import make_grid
+
+        for name, pool in pools:
+            w = pool.effective_weight().detach().float().cpu()  # (C, H, W)
+            lo, hi = w.min(), w.max()
+            img = (w - lo) / (hi - lo) if hi > lo else torch.full_like(w, 0.5)
+            grid = make_grid(img[:, None], nrow=int(len(w) ** 0.5 + 0.999), padding=1,
+                             pad_value=1.0)
+            self.writer.add_image(f"flexpool/{name}", grid, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()
