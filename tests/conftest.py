@@ -1,0 +1,50 @@
+"""Shared test helpers: compose the real config, run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+from flexexp.config import CONF_DIR, register_configs
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Overrides that shrink a run to seconds on a CPU.
+TINY = [
+    "dataset=synthetic",
+    "dataset.image_size=16",
+    "dataset.train_size=256",
+    "dataset.test_size=128",
+    "trainer.batch_size=64",
+    "trainer.epochs=1",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+    "trainer.threads=1",
+]
+
+
+def make_cfg(overrides: list[str] | None = None) -> DictConfig:
+    """The real composed config (conf/config.yaml) with ``overrides`` applied."""
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose("config", overrides=list(overrides or []))
+
+
+def run_cli(args: list[str], cwd: Path, module: str = "flexexp.train",
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> args`` in ``cwd`` the way a user does."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cfg_factory():
+    return make_cfg

@@ -1,0 +1,110 @@
+"""Config composition, validation messages, cell identity and the LR schedule."""
+
+import math
+
+import pytest
+import torch
+from conftest import make_cfg
+
+from flexexp.config import GROUPS, cell_hash, cell_name, check_overrides, group_options, validate
+from flexexp.errors import ConfigError
+from flexexp.trainer import onecycle_lr
+
+
+@pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
+def test_every_group_option_composes_and_validates(group):
+    for option in group_options(group):
+        cfg = make_cfg([f"{group}={option}"])
+        validate(cfg)
+        if group in ("dataset", "pool", "sac", "optim", "sched"):
+            assert cfg[group].name == option  # the option name is recorded as selected
+
+
+def test_defaults_follow_the_paper():
+    cfg = make_cfg(["dataset=cifar10"])
+    assert cfg.optim.name == "adam" and cfg.optim.lr == 0.1
+    assert cfg.sched.name == "onecycle"
+    assert cfg.trainer.batch_size == 1000 and cfg.trainer.epochs == 100
+    assert list(cfg.sac.weights) == [0.1, 0.2, 0.7]
+    assert make_cfg(["pool=flex_reg_dropout"]).pool.dropout == 0.25
+    assert make_cfg(["dataset=digits"]).trainer.batch_size == 128  # the dataset's own
+    assert make_cfg(["dataset=digits", "trainer.batch_size=64"]).trainer.batch_size == 64
+
+
+@pytest.mark.parametrize("name,classes,channels", [
+    ("cifar10", 10, 3), ("cifar100", 100, 3), ("fashion_mnist", 10, 1),
+    ("tiny_imagenet", 200, 3), ("digits", 10, 1),
+])
+def test_dataset_shapes(name, classes, channels):
+    d = make_cfg([f"dataset={name}"]).dataset
+    assert (d.num_classes, d.in_channels) == (classes, channels)
+    assert d.image_size == (8 if name == "digits" else 32)
+
+
+@pytest.mark.parametrize("override,match", [
+    (["trainer.epochs=0"], "trainer.epochs=0 must be positive"),
+    (["trainer.batch_size=-5"], "trainer.batch_size=-5 must be positive"),
+    (["optim.lr=0"], "optim.lr=0.0 must be positive"),
+    (["sac=on", "sac.weights=[0.5,0.5]"], "must have 3 entries"),
+    (["sac=on", "sac.weights=[-0.1,0.2,0.7]"], "must not be negative"),
+    (["dataset.image_size=2"], "too small for ResNet20"),
+    (["trainer.device=tpu"], "is not a device"),
+    (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown"),
+    (["pool.dropout=1.5"], r"pool.dropout=1.5 must be in \[0, 1\)"),
+    (["model.depth=21"], "not a CIFAR ResNet depth"),
+    (["dataset=cifar10", "dataset.mean=[0.5,0.5]"], "one value per channel"),
+])
+def test_validation_names_key_and_fix(override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(make_cfg(override))
+
+
+def test_non_increasing_sac_weights_warn():
+    with pytest.warns(UserWarning, match="not increasing"):
+        validate(make_cfg(["sac=on", "sac.weights=[0.7,0.2,0.1]"]))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["pool=flx"], r"Unknown option 'flx' for group 'pool'. Did you mean 'flex'"),
+    (["dataset=cifar"], r"Valid names: .*cifar10.*cifar100"),
+    (["trainer.epoch=3"], r"Did you mean 'epochs'"),
+    (["optim.learning_rate=1"], r"no 'learning_rate' in optim"),
+    (["+trainer.foo=1"], r"bypasses the schema"),
+])
+def test_check_overrides_rejects_typos(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        check_overrides(overrides)
+
+
+def test_check_overrides_accepts_valid_and_sweep_syntax():
+    check_overrides(["pool=flex", "sac=on", "trainer.epochs=3", "pool=avg,flex",
+                     "seed=range(3)", "hydra.verbose=true", "-m", "experiment=demo"])
+
+
+def test_cell_identity():
+    a = make_cfg(["pool=flex", "sac=on"])
+    assert cell_name(a).startswith("digits/flex/sac_on/seed0-")
+    assert cell_hash(a) == cell_hash(make_cfg(["sac=on", "pool=flex"]))
+    # anything that changes the result changes the cell ...
+    assert cell_hash(a) != cell_hash(make_cfg(["pool=flex", "sac=on", "trainer.epochs=3"]))
+    assert cell_hash(a) != cell_hash(make_cfg(["pool=flex", "sac=on", "seed=1"]))
+    # ... where and how fast it runs does not
+    same = make_cfg(["pool=flex", "sac=on", "trainer.device=cpu", "paths.runs=/x",
+                     "trainer.threads=2", "dataset.root=/data"])
+    assert cell_hash(a) == cell_hash(same)
+
+
+@pytest.mark.parametrize("pct,total", [(0.3, 100), (0.25, 37), (0.5, 10)])
+def test_onecycle_matches_torch(pct, total):
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total,
+                                                pct_start=pct, cycle_momentum=False)
+    for step in range(total):
+        assert onecycle_lr(step, total, 0.1, pct) == pytest.approx(sched.get_last_lr()[0],
+                                                                   rel=1e-9)
+        opt.step()
+        sched.step()
+    assert onecycle_lr(0, total, 0.1, pct) == pytest.approx(0.1 / 25)
+    assert max(onecycle_lr(s, total, 0.1, pct) for s in range(total)) <= 0.1 + 1e-12
+    assert not math.isnan(onecycle_lr(total - 1, total, 0.1, pct))
