@@ -139,7 +139,7 @@ class CifarResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
-        """Feature maps after each stage: ``[(B, 16w, H, W), (B, 32w, H/2, W/2), (B, 64w, H/4, W/4)]``."""
+        """Maps after each stage: ``[(B, 16w, H, W), (B, 32w, H/2, W/2), (B, 64w, H/4, W/4)]``."""
         x = self.stem(x)
         feats = []
         for stage in self.stages:

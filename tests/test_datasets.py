@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -139,48 +140,67 @@ def test_root_defaults_to_env_var(monkeypatch, tmp_path):
 # ---------------------------------------------------------------------------- training CLI
 
 
+def _train_cmd(name: str, root: Path, runs: Path) -> list[str]:
+    return [sys.executable, "-m", "flexexp.train", f"dataset={name}", f"dataset.root={root}",
+            "dataset.download=false", "dataset.verify_checksums=false", "trainer.epochs=1",
+            "trainer.batch_size=16", "trainer.progress=false", "trainer.threads=1",
+            f"paths.runs={runs}"]
+
+
 @pytest.fixture(scope="module")
-def trained(written, tmp_path_factory) -> dict[str, tuple[int, str, Path]]:
-    """One epoch of each dataset through ``python -m flexexp.train``, run side by side."""
+def cli(written, tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, Path]]:
+    """Every command-line test's process, started side by side (each costs seconds of
+    imports): one epoch of each dataset, a run without data, a download command."""
     root, _ = written
-    procs = {}
+    jobs: dict[str, tuple[list[str], Path]] = {}
     for name in NAMES:
         tmp = tmp_path_factory.mktemp(f"train-{name}")
-        cmd = [sys.executable, "-m", "flexexp.train", f"dataset={name}", f"dataset.root={root}",
-               "dataset.download=false", "dataset.verify_checksums=false", "trainer.epochs=1",
-               "trainer.batch_size=16", "trainer.progress=false", "trainer.threads=1",
-               f"paths.runs={tmp}/runs"]
-        procs[name] = (subprocess.Popen(cmd, cwd=tmp, env=_env(), stdout=subprocess.PIPE,
-                                        stderr=subprocess.PIPE, text=True), tmp)
-    out = {}
-    for name, (proc, tmp) in procs.items():
-        _, err = proc.communicate(timeout=300)
-        out[name] = (proc.returncode, err, tmp / "runs")
-    return out
+        jobs[name] = (_train_cmd(name, root, tmp / "runs"), tmp)
+    tmp = tmp_path_factory.mktemp("nodata")
+    jobs["nodata"] = (_train_cmd("cifar10", tmp / "empty", tmp / "runs"), tmp)
+    tmp = tmp_path_factory.mktemp("download")
+    write_cifar10(tmp / "d")
+    write_fashion_mnist(tmp / "d")
+    jobs["download"] = ([sys.executable, "-m", "flexexp.data", "download",
+                         "dataset=cifar10,fashion_mnist", f"dataset.root={tmp / 'd'}",
+                         "dataset.verify_checksums=false"], tmp)
+
+    def run(job: tuple[list[str], Path]) -> tuple[subprocess.CompletedProcess, Path]:
+        cmd, cwd = job
+        return subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True,
+                              timeout=300), cwd
+
+    # as many at once as there are cores: more only makes them fight over the CPU
+    with ThreadPoolExecutor(max(1, min(len(jobs), os.cpu_count() or 1))) as pool:
+        return dict(zip(jobs, pool.map(run, jobs.values()), strict=True))
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_train_one_epoch_through_the_cli(trained, name):
-    rc, err, runs = trained[name]
-    assert rc == 0, err[-3000:]
-    results = list(runs.glob(f"{name}/**/result.json"))
+def test_train_one_epoch_through_the_cli(cli, name):
+    proc, tmp = cli[name]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = list((tmp / "runs").glob(f"{name}/**/result.json"))
     assert len(results) == 1
     record = json.loads(results[0].read_text())
     assert record["status"] == "completed" and record["dataset"] == name
     assert len(record["history"]) == 1
 
 
-def test_cli_missing_data_exits_2_with_the_fix(tmp_path):
-    empty = tmp_path / "nodata"
-    cmd = [sys.executable, "-m", "flexexp.train", "dataset=cifar10", f"dataset.root={empty}",
-           "dataset.download=false", "trainer.epochs=1", "trainer.progress=false",
-           f"paths.runs={tmp_path}/runs"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          timeout=300)
+def test_cli_missing_data_exits_2_with_the_fix(cli):
+    proc, tmp = cli["nodata"]
+    empty = tmp / "empty"
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "cifar10" in proc.stderr and str(empty) in proc.stderr
     assert FETCH.format(name="cifar10", root=empty) in proc.stderr
+
+
+def test_download_command_prepares_several_datasets(cli):
+    proc, tmp = cli["download"]
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(": ready,") == 2
+    assert [p.name.split("-")[0] for p in cache_files(tmp / "d")] == ["cifar10", "fashion_mnist"]
+    assert "cache built" in proc.stderr
 
 
 # ---------------------------------------------------------------------------- errors
@@ -409,20 +429,6 @@ def test_cache_on_5000_images_is_faster_than_decoding(tmp_path, monkeypatch, cap
 # ---------------------------------------------------------------------------- data command
 
 
-def test_download_command_prepares_several_datasets(tmp_path):
-    root = tmp_path / "d"
-    write_cifar10(root)
-    write_fashion_mnist(root)
-    cmd = [sys.executable, "-m", "flexexp.data", "download", "dataset=cifar10,fashion_mnist",
-           f"dataset.root={root}", "dataset.verify_checksums=false"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count(": ready,") == 2
-    assert [p.name.split("-")[0] for p in cache_files(root)] == ["cifar10", "fashion_mnist"]
-    assert "cache built" in proc.stderr
-
-
 def test_info_command_prints_shapes_and_cache(written, capsys):
     root, _ = written
     assert data_main(["info", "dataset=fashion_mnist", f"dataset.root={root}",
@@ -461,6 +467,20 @@ def test_data_command_usage_errors(args, expect, capsys):
 def test_download_command_for_generated_data(capsys):
     assert data_main(["download", "dataset=digits"]) == 0
     assert "nothing to download" in capsys.readouterr().out
+
+
+def test_file_names_match_torchvision():
+    """paper.py names the files itself, to import torchvision only when it must."""
+    from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST
+
+    for name, cls in (("cifar10", CIFAR10), ("cifar100", CIFAR100)):
+        files = paper._CIFAR[name]
+        assert files.folder == cls.base_folder and files.url == cls.url
+        assert files.archive == cls.filename and files.meta == cls.meta["filename"]
+        assert list(files.batches) == [f for f, _ in cls.train_list + cls.test_list]
+    assert [f"{f}.gz" for f in paper.FMNIST_FILES] == [f for f, _ in FashionMNIST.resources]
+    assert paper.FMNIST_URL == FashionMNIST.mirrors[0]
+    assert paper.FMNIST_FOLDER == f"{FashionMNIST.__name__}/raw"
 
 
 def test_fixture_tree_matches_the_official_layout(written):

@@ -1,0 +1,107 @@
+"""The report as a pure function of run records (no training here)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from scipy import stats
+
+from flexexp.report import main, report
+
+
+def write_record(runs: Path, dataset: str, pool: str, sac: bool, seed: int, acc: float | None,
+                 status: str = "completed", epochs: int = 100, **extra) -> Path:
+    d = runs / dataset / pool / f"sac_{'on' if sac else 'off'}" / f"seed{seed}-{epochs:08x}"
+    d.mkdir(parents=True)
+    rec = {"dataset": dataset, "pool": pool, "sac": sac, "seed": seed, "epochs": epochs,
+           "status": status, "test_acc": acc,
+           "config": {"dataset": {"name": dataset}, "pool": {"name": pool},
+                      "trainer": {"epochs": epochs, "device": "cpu"}, "seed": seed}, **extra}
+    (d / "result.json").write_text(json.dumps(rec))
+    return d
+
+
+def test_tables_statistics_and_paper_columns(tmp_path):
+    runs = tmp_path / "runs"
+    accs = {"avg": [91.0, 91.5, 92.0], "flex": [92.0, 92.1, 93.3]}
+    for pool, values in accs.items():
+        for seed, acc in enumerate(values):
+            write_record(runs, "cifar10", pool, False, seed, acc)
+    out = report(runs, tmp_path / "out")
+    t1 = out["table1"].set_index(["dataset", "variant"])
+    row = t1.loc[("cifar10", "flex")]
+    assert row.n == 3
+    assert row["mean"] == pytest.approx(sum(accs["flex"]) / 3)
+    assert row["std"] == pytest.approx(pd.Series(accs["flex"]).std(ddof=1))
+    assert (row["min"], row["max"]) == (92.0, 93.3)
+    assert row.paper == 91.91 and row.delta == pytest.approx(row["mean"] - 91.91)
+    # no runs: missing, never zero
+    empty = t1.loc[("cifar100", "avg")]
+    assert empty.n == 0 and math.isnan(empty["mean"]) and empty.paper == 66.18
+    assert out["table2"].n.sum() == 0
+    # paired test against AvgPool
+    sig = out["significance1"].set_index("variant").loc["flex"]
+    diffs = [b - a for a, b in zip(accs["avg"], accs["flex"], strict=True)]
+    assert sig.mean_diff == pytest.approx(sum(diffs) / 3)
+    assert sig.p_value == pytest.approx(stats.ttest_rel(accs["flex"], accs["avg"]).pvalue)
+    half = stats.t.ppf(0.975, 2) * pd.Series(diffs).std(ddof=1) / math.sqrt(3)
+    assert (sig.ci95_low, sig.ci95_high) == pytest.approx((sig.mean_diff - half,
+                                                           sig.mean_diff + half))
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert "| CIFAR10 | 91.50 ± 0.50 (3) *paper 91.63* |" in md
+    assert "| CIFAR100 | — *paper 66.18* |" in md
+
+
+def test_failed_and_malformed_records(tmp_path):
+    runs = tmp_path / "runs"
+    write_record(runs, "cifar10", "avg", True, 0, 90.0)
+    write_record(runs, "cifar10", "avg", True, 1, None, status="failed",
+                 error="DivergenceError: NaN at epoch 3")
+    bad = write_record(runs, "cifar10", "avg", True, 2, 95.0)
+    (bad / "result.json").write_text('{"dataset": "cifar10", "pool"')  # truncated
+    partial = write_record(runs, "cifar10", "avg", True, 3, 95.0)
+    (partial / "result.json").write_text(json.dumps({"dataset": "cifar10"}))
+    with pytest.warns(UserWarning) as caught:
+        out = report(runs, tmp_path / "out")
+    messages = " ".join(str(w.message) for w in caught)
+    assert str(bad / "result.json") in messages and str(partial / "result.json") in messages
+    row = out["table2"].set_index(["dataset", "variant"]).loc[("cifar10", "avg")]
+    assert row.n == 1 and row["mean"] == 90.0  # only the completed, readable run
+    failed = pd.read_csv(tmp_path / "out" / "failed.csv")
+    assert failed.error.tolist() == ["DivergenceError: NaN at epoch 3"]
+
+
+def test_different_configs_are_never_averaged(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(3):
+        write_record(runs, "cifar10", "flex", False, seed, 90.0 + seed, epochs=100)
+    write_record(runs, "cifar10", "flex", False, 0, 10.0, epochs=1)  # a smoke test run
+    with pytest.warns(UserWarning, match="2 different configs"):
+        out = report(runs, tmp_path / "out")
+    row = out["table1"].set_index(["dataset", "variant"]).loc[("cifar10", "flex")]
+    assert row.n == 3 and row["mean"] == pytest.approx(91.0)
+
+
+def test_cli_arguments(tmp_path, capsys):
+    assert main([f"paths.runs={tmp_path / 'missing'}"]) == 2
+    assert "no runs directory" in capsys.readouterr().err
+    assert main(["runs=x"]) == 2
+    assert "unknown argument 'runs=x'" in capsys.readouterr().err
+    (tmp_path / "runs").mkdir()
+    assert main([f"paths.runs={tmp_path / 'runs'}", f"out_dir={tmp_path / 'o'}"]) == 0
+    assert (tmp_path / "o" / "table1.csv").exists()
+
+
+def test_report_needs_no_torch(tmp_path):
+    import subprocess
+    import sys
+
+    write_record(tmp_path / "runs", "cifar10", "avg", False, 0, 91.0)
+    code = ("import sys; from flexexp.report import main; "
+            f"assert main(['paths.runs={tmp_path / 'runs'}', 'out_dir={tmp_path / 'o'}']) == 0; "
+            "assert 'torch' not in sys.modules and 'hydra' not in sys.modules")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
