@@ -50,6 +50,8 @@ class ModelConfig:
     name: str = "resnet20"
     depth: int = 20
     width: int = 1
+    downsample: str = "stride"  # stride | max | avg | gfgp | s3pool (stages 2 and 3)
+    s3pool_grid: int = 2  # S3Pool grid cell size (model.downsample=s3pool)
 
 
 @dataclass

@@ -91,8 +91,12 @@ class CifarResNet(nn.Module):
         sac: bool = False,
         dropout: float = 0.0,
         width: int = 1,
+        downsample: str = "stride",
+        s3pool_grid: int = 2,
     ) -> None:
         super().__init__()
+        if downsample != "stride":
+            raise ValueError(f"downsample={downsample!r} is not available yet; use 'stride'")
         if depth not in VALID_DEPTHS:
             raise ValueError(
                 f"ResNet depth must be one of {VALID_DEPTHS} (6n+2 with n blocks per stage), "

@@ -115,6 +115,8 @@ def build_model(cfg: DictConfig) -> CifarResNet:
         sac=cfg.sac.enabled,
         dropout=cfg.pool.dropout,
         width=cfg.model.width,
+        downsample=cfg.model.downsample,
+        s3pool_grid=cfg.model.s3pool_grid,
     )
 
 
