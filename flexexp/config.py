@@ -11,10 +11,12 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import os
+import re
 import warnings
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_origin, get_type_hints
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -51,12 +53,12 @@ class ModelConfig:
     depth: int = 20
     width: int = 1
     downsample: str = "stride"  # stride | max | avg | gfgp | s3pool (stages 2 and 3)
-    s3pool_grid: int = 2  # S3Pool grid cell size (model.downsample=s3pool)
+    s3pool_grid: int = 2  # S3Pool grid cell size in rows/columns (model.downsample=s3pool)
 
 
 @dataclass
 class PoolConfig:
-    name: str = MISSING  # option name: avg | flex | flex_reg | flex_reg_dropout | flex_softmax
+    name: str = MISSING  # option name: avg | max | flex | flex_reg | ... | flex_softmax | gfgp
     layer: str = MISSING  # global pool in flexexp.pooling.GLOBAL_POOLS
     reg: float = 0.0  # coefficient of the Eq. 2 penalty (0 = off)
     dropout: float = 0.0  # dropout before each linear head
@@ -198,7 +200,7 @@ def _positive(cfg: DictConfig, key: str, fix: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check ranges and consistency that the typed schema cannot; raise :class:`ConfigError`."""
     from flexexp.data.sources import DATASETS
-    from flexexp.models import VALID_DEPTHS
+    from flexexp.models import DOWNSAMPLE_OPTIONS, VALID_DEPTHS
     from flexexp.pooling import GLOBAL_POOLS
 
     _positive(cfg, "trainer.epochs", "give the number of epochs, e.g. trainer.epochs=100")
@@ -225,6 +227,17 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"pool.layer={cfg.pool.layer!r} is unknown; valid layers: "
             f"{', '.join(sorted(GLOBAL_POOLS))}."
+        )
+    if cfg.model.downsample not in DOWNSAMPLE_OPTIONS:
+        raise ConfigError(
+            f"model.downsample={cfg.model.downsample!r} is unknown; valid options: "
+            f"{', '.join(DOWNSAMPLE_OPTIONS)} (stride = the strided conv of ResNet20, the "
+            "others a 2x2 stride-2 pool after a stride-1 conv), e.g. model.downsample=max."
+        )
+    if cfg.model.s3pool_grid < 1:
+        raise ConfigError(
+            f"model.s3pool_grid={cfg.model.s3pool_grid} must be >= 1 (S3Pool's grid cell size "
+            "in rows/columns; 1 = no randomness, larger = more distortion), e.g. 2."
         )
     if cfg.model.depth not in VALID_DEPTHS:
         raise ConfigError(
@@ -326,7 +339,65 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
                 where = ".".join(parts[:depth]) or "the root config"
                 raise ConfigError(_unknown(f"key {key!r} (no {part!r} in {where})", part,
                                            sorted(keys), "key=value"))
+            if depth == len(parts) - 1 and "~" not in prefix:
+                _check_value(key, value, get_type_hints(type(node) if not isinstance(node, type)
+                                                        else node)[part])
             node = keys[part]
+
+
+_SCALARS = {
+    int: ("an integer", re.compile(r"[+-]?\d+")),
+    float: ("a number", re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?inf|nan")),
+    bool: ("true or false", re.compile(r"(?i:true|false)")),
+}
+
+
+def _check_value(key: str, value: str, typ: Any) -> None:
+    """Reject a command-line value that cannot have the field's type (sweeps pass through)."""
+    args = [a for a in get_args(typ) if a is not type(None)]
+    if "${" in value or value.endswith(")") or value == "null" or "],[" in value or (
+        "," in value and get_origin(typ) is not list
+    ):
+        return  # interpolation, sweep or sweep function: Hydra checks each value itself
+    if get_origin(typ) is list:
+        if not (value.startswith("[") and value.endswith("]")):
+            raise ConfigError(f"{key}={value!r} must be a list, e.g. {key}=[0.1,0.2,0.7].")
+        inner = args[0] if args else str
+        for item in filter(None, (v.strip() for v in value[1:-1].split(","))):
+            _check_value(f"{key}[]", item, inner)
+        return
+    if args and len(args) == 1:  # Optional[X]
+        typ = args[0]
+    if typ in _SCALARS:
+        what, pattern = _SCALARS[typ]
+        if not pattern.fullmatch(value.strip()):
+            raise ConfigError(
+                f"{key}={value!r} must be {what}, e.g. {key}={_example(typ)}; see the "
+                f"defaults with `python -m flexexp.train --cfg job`."
+            )
+
+
+def _example(typ: type) -> str:
+    return {int: "10", float: "0.1", bool: "true"}[typ]
+
+
+def check_runs_root(overrides: list[str]) -> None:
+    """Fail early if ``paths.runs`` cannot hold run directories (Hydra creates them first)."""
+    root = Path(PathsConfig.runs)
+    for text in overrides:
+        if text.lstrip("+~").startswith("paths.runs="):
+            root = Path(text.split("=", 1)[1])
+    if "${" in str(root) or "," in str(root):
+        return
+    probe = root.absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is not a directory" if not probe.is_dir() else "is not writable"
+        raise ConfigError(
+            f"cannot write to the run directory root paths.runs={root}: {probe} {why}. "
+            "Choose a writable root with paths.runs=DIR."
+        )
 
 
 def _unknown(what: str, given: str, valid: list[str], form: str) -> str:

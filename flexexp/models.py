@@ -6,6 +6,14 @@ of stages 2 and 3 and parameter-free "option A" shortcuts (subsample, then zero-
 the new channels). With SAC (PAPER.md sec. 2) every stage gets a head
 ``pool -> (dropout) -> linear``, each pool sized to its stage's map; the last head is
 the main classifier.
+
+``downsample`` chooses how stages 2 and 3 halve the map (PAPER.md sec. 5): ``stride``
+(He et al.: the first block's first conv has stride 2, the shortcut keeps every second
+row and column) or a local pool of :data:`flexexp.pooling.LOCAL_POOLS` (``max``,
+``avg``, ``gfgp``, ``s3pool``): that conv runs at stride 1 and is followed by the 2x2,
+stride-2 pool, and the shortcut is pooled by the same pool in the same call (one S3Pool
+draw, one GFGP lambda for both), so the branch and the identity stay aligned. Every
+option halves ``H`` to ``ceil(H/2)``, so ``stage_shapes`` do not depend on it.
 """
 
 from __future__ import annotations
@@ -14,12 +22,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flexexp.pooling import build_pool
+from flexexp.pooling import LOCAL_POOLS, LocalPool, build_local_pool, build_pool
 
-__all__ = ["BasicBlock", "Head", "CifarResNet", "resnet20", "resnet", "VALID_DEPTHS"]
+__all__ = [
+    "BasicBlock",
+    "Head",
+    "CifarResNet",
+    "resnet20",
+    "resnet",
+    "VALID_DEPTHS",
+    "DOWNSAMPLE_OPTIONS",
+]
 
 VALID_DEPTHS = (20, 32, 44, 56, 110)
 STAGE_WIDTHS = (16, 32, 64)
+#: ``model.downsample`` values: the strided conv of He et al., or a local pool by name.
+DOWNSAMPLE_OPTIONS = ("stride", *LOCAL_POOLS)
 
 
 class ShortcutA(nn.Module):
@@ -40,23 +58,55 @@ class ShortcutA(nn.Module):
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU."""
+    """conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU.
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+    With ``stride=2`` and ``downsample`` a local pool name, the block computes
+    ``conv1 (stride 1) -> pool -> BN -> ReLU -> conv2 -> BN`` and adds
+    ``pool(pad_channels(x))``, both pooled in one :meth:`LocalPool.pool_pair` call.
+    Shapes: ``(B, C_in, H, W) -> (B, C_out, ceil(H/s), ceil(W/s))`` for either form.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        downsample: str = "stride",
+        s3pool_grid: int = 2,
+    ) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        if downsample not in DOWNSAMPLE_OPTIONS:
+            raise ValueError(
+                f"unknown downsample {downsample!r}; valid names: {', '.join(DOWNSAMPLE_OPTIONS)}"
+            )
+        pooled = stride != 1 and downsample != "stride"
+        if pooled and stride != 2:
+            raise ValueError(
+                f"downsample={downsample!r} pools 2x2 at stride 2, got stride {stride}"
+            )
+        conv_stride = 1 if pooled else stride
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, conv_stride, 1, bias=False)
+        # None unless this block downsamples with a pool (keeps the default's modules as-is)
+        self.pool: LocalPool | None = (
+            build_local_pool(downsample, out_channels, s3pool_grid) if pooled else None
+        )
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         if stride != 1 or in_channels != out_channels:
-            self.shortcut: nn.Module = ShortcutA(in_channels, out_channels, stride)
+            # with a pool the shortcut only pads channels; the pool then downsamples it
+            self.shortcut: nn.Module = ShortcutA(in_channels, out_channels, conv_stride)
         else:
             self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        out = F.relu(self.bn1(self.conv1(x)))
+        if self.pool is None:
+            out, skip = self.conv1(x), self.shortcut(x)
+        else:
+            out, skip = self.pool.pool_pair(self.conv1(x), self.shortcut(x))
+        out = F.relu(self.bn1(out))
         out = self.bn2(self.conv2(out))
-        return F.relu(out + self.shortcut(x))
+        return F.relu(out + skip)
 
 
 class Head(nn.Module):
@@ -95,8 +145,12 @@ class CifarResNet(nn.Module):
         s3pool_grid: int = 2,
     ) -> None:
         super().__init__()
-        if downsample != "stride":
-            raise ValueError(f"downsample={downsample!r} is not available yet; use 'stride'")
+        if downsample not in DOWNSAMPLE_OPTIONS:
+            raise ValueError(
+                f"unknown downsample {downsample!r}; valid names: {', '.join(DOWNSAMPLE_OPTIONS)}"
+            )
+        if s3pool_grid < 1:
+            raise ValueError(f"s3pool_grid must be >= 1 (S3Pool grid cell size), got {s3pool_grid}")
         if depth not in VALID_DEPTHS:
             raise ValueError(
                 f"ResNet depth must be one of {VALID_DEPTHS} (6n+2 with n blocks per stage), "
@@ -110,6 +164,7 @@ class CifarResNet(nn.Module):
         blocks = (depth - 2) // 6
         widths = [w * width for w in STAGE_WIDTHS]
         self.depth, self.sac, self.num_classes = depth, sac, num_classes
+        self.downsample = downsample
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
             nn.BatchNorm2d(widths[0]),
@@ -119,8 +174,9 @@ class CifarResNet(nn.Module):
         c_in, size = widths[0], image_size
         for i, c_out in enumerate(widths):
             stride = 1 if i == 0 else 2
-            size = -(-size // stride)  # ceil: a stride-2 3x3 conv with padding 1
-            layers = [BasicBlock(c_in, c_out, stride)]
+            # ceil: a stride-2 3x3 conv with padding 1, and the ceil-mode 2x2 pools alike
+            size = -(-size // stride)
+            layers = [BasicBlock(c_in, c_out, stride, downsample, s3pool_grid)]
             layers += [BasicBlock(c_out, c_out) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*layers))
             sizes.append(size)
@@ -185,6 +241,8 @@ def resnet20(
     pool: str = "avg",
     sac: bool = False,
     dropout: float = 0.0,
+    downsample: str = "stride",
+    s3pool_grid: int = 2,
 ) -> CifarResNet:
     """ResNet20 (0.27M parameters with avg pooling and 10 classes)."""
     return CifarResNet(
@@ -195,4 +253,6 @@ def resnet20(
         pool=pool,
         sac=sac,
         dropout=dropout,
+        downsample=downsample,
+        s3pool_grid=s3pool_grid,
     )

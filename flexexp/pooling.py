@@ -1,4 +1,4 @@
-"""Pooling layers: global pools that turn a feature map into a vector for a linear head.
+"""Pooling layers: global pools before the linear heads, local pools that downsample.
 
 Every global pool maps ``(B, C, H, W) -> (B, C)`` and is built by name with
 :func:`build_pool`. Valid names are the keys of :data:`GLOBAL_POOLS`:
@@ -9,6 +9,15 @@ Every global pool maps ``(B, C, H, W) -> (B, C)`` and is built by name with
   ``y[b, c] = sum_{i,j} W[c, i, j] * x[b, c, i, j]``, initialised to ``1/(H*W)``.
 - ``flex_softmax``: FlexPool whose weights are softmax-normalised over the ``H*W``
   positions of each channel (the authors' public code).
+- ``gfgp``: GFGP (PAPER.md sec. 5) over the whole map,
+  ``y[b, c] = sum_q x_q softmax_q(lambda[b, c] x_q)``, ``lambda`` from an MLP on the
+  global average.
+
+Every local pool maps ``(B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))`` (2x2 windows at
+stride 2; an odd size gets a partial last window, like the stride-2 convolution it
+replaces) and is built by name with :func:`build_local_pool`. Valid names are the keys
+of :data:`LOCAL_POOLS`: ``max``, ``avg``, ``gfgp`` (GFGP over each window) and
+``s3pool`` (stochastic spatial sampling, PAPER.md sec. 5).
 
 Pools that carry a penalty (FlexPool) expose ``regularization()``; the model sums it
 over all its pools.
@@ -17,17 +26,33 @@ over all its pools.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
     "FlexPool2d",
     "GlobalAvgPool2d",
     "GlobalMaxPool2d",
+    "GlobalGFGP2d",
+    "GFGPGuide",
+    "LocalPool",
+    "MaxPool2x2",
+    "AvgPool2x2",
+    "GFGPPool2x2",
+    "S3Pool2x2",
     "GLOBAL_POOLS",
+    "LOCAL_POOLS",
     "build_pool",
+    "build_local_pool",
     "flex_pool",
+    "gfgp_pool",
+    "gfgp_local_pool",
+    "s3pool_indices",
+    "s3pool_sample",
+    "s3pool_eval",
 ]
 
 
@@ -113,6 +138,68 @@ class FlexPool2d(nn.Module):
         )
 
 
+# ---------------------------------------------------------------------------- GFGP
+
+
+def gfgp_pool(x: Tensor, lam: Tensor | float, mask: Tensor | None = None) -> Tensor:
+    """GFGP's weighted pooling over the last axis: ``(..., N) -> (...)``.
+
+    ``y = sum_q x_q * softmax_q(lam * x_q)``: ``lam = 0`` is the mean over ``q``,
+    ``lam -> +inf`` the max. ``lam`` broadcasts against ``x.shape[:-1]`` (e.g. ``(B, C)``
+    per sample and channel, or a scalar). ``mask`` (broadcastable to ``x``, True = not a
+    position) drops padding from the window; masked entries of ``x`` must be finite.
+    """
+    lam = torch.as_tensor(lam, dtype=x.dtype, device=x.device)
+    logits = lam.unsqueeze(-1) * x
+    if mask is not None:
+        logits = logits.masked_fill(mask, float("-inf"))
+    # torch.softmax subtracts the per-window max logit before exponentiating, so a large
+    # lam * x cannot overflow to inf/inf = NaN (tested with |lam * x| ~ 1e6).
+    weights = torch.softmax(logits, dim=-1)
+    return (weights * x).sum(-1)
+
+
+class GFGPGuide(nn.Module):
+    """GFGP's global guidance: ``(B, C, H, W) -> lambda (B, C)`` in ``(0, 1)``.
+
+    ``lambda = sigmoid(V relu(U gap(x)))`` with ``U: (C/2, C)``, ``V: (C, C/2)`` (hidden
+    size ``max(1, C // 2)``, no biases, as in the formula): ``C * 2 * (C // 2)``
+    parameters. The paper's best setting: global average statistic, sigmoid output.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if channels < 1:
+            raise ValueError(f"GFGPGuide: channels must be positive, got {channels}")
+        hidden = max(1, channels // 2)
+        self.reduce = nn.Linear(channels, hidden, bias=False)  # U
+        self.expand = nn.Linear(hidden, channels, bias=False)  # V
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3))))))
+
+
+class GlobalGFGP2d(nn.Module):
+    """GFGP as a global pool (the window is the whole map): ``(B, C, H, W) -> (B, C)``.
+
+    ``y[b, c] = sum_{i,j} x[b,c,i,j] * softmax_{(i,j)}(lambda[b, c] * x[b,c,i,j])`` with
+    ``lambda = guide(x)`` (:class:`GFGPGuide`). ``pool_with_lambda(x, lam)`` applies the
+    formula with an injected ``lambda`` (tests: ``lam=0`` is average pooling, a large
+    ``lam`` approaches max pooling).
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.guide = GFGPGuide(channels)
+
+    def pool_with_lambda(self, x: Tensor, lam: Tensor | float) -> Tensor:
+        """The pooling formula for a given ``lam`` (scalar or ``(B, C)``): ``-> (B, C)``."""
+        return gfgp_pool(x.flatten(2), lam)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pool_with_lambda(x, self.guide(x))
+
+
 PoolFactory = Callable[[int, int, int], nn.Module]
 
 #: Global pools by name: ``factory(channels, height, width) -> module``.
@@ -121,6 +208,7 @@ GLOBAL_POOLS: dict[str, PoolFactory] = {
     "max": lambda c, h, w: GlobalMaxPool2d(),
     "flex": lambda c, h, w: FlexPool2d(c, h, w),
     "flex_softmax": lambda c, h, w: FlexPool2d(c, h, w, normalize="softmax"),
+    "gfgp": lambda c, h, w: GlobalGFGP2d(c),
 }
 
 
@@ -134,3 +222,219 @@ def build_pool(name: str, channels: int, height: int, width: int) -> nn.Module:
         ) from None
     return factory(channels, height, width)
 
+
+
+# ---------------------------------------------------------------------------- local pools
+
+
+class LocalPool(nn.Module):
+    """A downsampler ``(B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))`` (2x2 window, stride 2).
+
+    ``pool_pair(x, skip)`` pools a residual branch and its shortcut (same shape) in one
+    go, sharing whatever the pool draws or computes per call (S3Pool's sampled rows,
+    GFGP's lambda), so the two maps that are added stay aligned position by position.
+    """
+
+    def pool_pair(self, x: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
+        return self(x), self(skip)
+
+
+class MaxPool2x2(LocalPool):
+    """``y[b,c,i,j] = max of x[b,c,2i:2i+2,2j:2j+2]`` (a partial window at an odd edge)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.max_pool2d(x, 2, 2, ceil_mode=True)
+
+
+class AvgPool2x2(LocalPool):
+    """``y[b,c,i,j] = mean of x[b,c,2i:2i+2,2j:2j+2]`` (over the valid entries at an edge)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        # with padding=0, ceil_mode divides a partial window by its valid entries only
+        return F.avg_pool2d(x, 2, 2, ceil_mode=True)
+
+
+def _windows2x2(x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2), 4)`` 2x2 windows at stride 2.
+
+    An odd size is zero-padded at the bottom/right; the second value is then the
+    padding mask ``(ceil(H/2), ceil(W/2), 4)`` (True = padding), else None.
+    """
+    b, c, h, w = x.shape
+    ph, pw = h % 2, w % 2
+    mask = None
+    if ph or pw:
+        x = F.pad(x, (0, pw, 0, ph))
+        pad = torch.zeros(h + ph, w + pw, dtype=torch.bool, device=x.device)
+        pad[h:, :] = True
+        pad[:, w:] = True
+        ho, wo = (h + ph) // 2, (w + pw) // 2
+        mask = pad.view(ho, 2, wo, 2).permute(0, 2, 1, 3).reshape(ho, wo, 4)
+    ho, wo = x.shape[2] // 2, x.shape[3] // 2
+    windows = x.reshape(b, c, ho, 2, wo, 2).permute(0, 1, 2, 4, 3, 5).reshape(b, c, ho, wo, 4)
+    return windows, mask
+
+
+def gfgp_local_pool(x: Tensor, lam: Tensor | float) -> Tensor:
+    """GFGP over 2x2 windows at stride 2: ``(B, C, H, W), (B, C) -> (B, C, H/2, W/2)``.
+
+    ``y[b,c,i,j] = sum_{q in R_ij} x_q softmax_q(lam[b, c] x_q)`` with ``R_ij`` the 2x2
+    window (partial at an odd edge, like :class:`AvgPool2x2`).
+    """
+    windows, mask = _windows2x2(x)
+    lam = torch.as_tensor(lam, dtype=x.dtype, device=x.device)
+    if lam.dim() == 2:
+        lam = lam[:, :, None, None]  # (B, C) -> (B, C, 1, 1) against (B, C, Ho, Wo)
+    return gfgp_pool(windows, lam, mask)
+
+
+class GFGPPool2x2(LocalPool):
+    """GFGP local pooling (Kobayashi, ICCV 2019): ``(B, C, H, W) -> (B, C, H/2, W/2)``.
+
+    ``y[b,c,i,j] = sum_{q in 2x2 window} x_q softmax_q(lambda[b, c] x_q)``, ``lambda =
+    sigmoid(V relu(U gap(x)))`` per sample and channel (:class:`GFGPGuide`, hidden
+    ``C/2``): between average (``lambda=0``) and max (``lambda -> inf``) pooling, chosen
+    from the map's global statistics. ``pool_with_lambda(x, lam)`` injects ``lambda``.
+    ``pool_pair`` pools the shortcut with the branch's ``lambda``.
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.guide = GFGPGuide(channels)
+
+    def pool_with_lambda(self, x: Tensor, lam: Tensor | float) -> Tensor:
+        """The pooling formula for a given ``lam`` (scalar or ``(B, C)``)."""
+        return gfgp_local_pool(x, lam)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return gfgp_local_pool(x, self.guide(x))
+
+    def pool_pair(self, x: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
+        lam = self.guide(x)
+        return gfgp_local_pool(x, lam), gfgp_local_pool(skip, lam)
+
+
+def max2x2_stride1(x: Tensor) -> Tensor:
+    """S3Pool's first step: ``(B, C, H, W) -> (B, C, H, W)``, max over ``x[i:i+2, j:j+2]``.
+
+    The bottom row and right column see a partial window (padding with -inf).
+    """
+    return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), 2, 1)
+
+
+@lru_cache(maxsize=256)
+def _s3pool_keep(size: int, grid: int) -> tuple[int, ...]:
+    """Positions, in cell-grouped order, that S3Pool keeps: ``k_i`` of each grid cell.
+
+    Cell ``i`` covers rows ``[s, e) = [i*grid, min((i+1)*grid, size))`` and keeps
+    ``k_i = ceil(e/2) - ceil(s/2)`` of them, so the cells keep ``ceil(size/2)`` rows in
+    all: half of each even cell, and for ``grid=1`` exactly the rows 0, 2, 4, ...
+    """
+    keep = []
+    for start in range(0, size, grid):
+        end = min(start + grid, size)
+        k = (end + 1) // 2 - (start + 1) // 2
+        keep.extend(range(start, start + k))
+    return tuple(keep)
+
+
+def s3pool_indices(
+    batch: int, size: int, grid: int, device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Rows (or columns) S3Pool keeps, ``(batch, ceil(size/2))``, ascending, per sample.
+
+    The ``size`` rows are split into cells of ``grid`` rows; each cell keeps a uniformly
+    random subset of ``k_i`` rows (see :func:`_s3pool_keep`), drawn independently per
+    sample from ``generator`` (default: torch's global RNG, so ``torch.manual_seed``
+    repeats a draw).
+    """
+    cell = torch.arange(size, device=device) // grid
+    # keys 2*cell + u, u in [0, 1): sorting groups rows by cell and shuffles within a cell
+    # (the gap of 2 keeps float rounding of u -> 1 from crossing into the next cell)
+    keys = cell * 2 + torch.rand(batch, size, device=device, generator=generator)
+    order = keys.argsort(dim=1)
+    keep = torch.tensor(_s3pool_keep(size, grid), device=device)
+    return order[:, keep].sort(dim=1).values
+
+
+def s3pool_sample(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    """``y[b, c, i, j] = x[b, c, rows[b, i], cols[b, j]]``: ``(B, C, H, W) -> (B, C, Ho, Wo)``."""
+    b, c, _, w = x.shape
+    ho, wo = rows.shape[1], cols.shape[1]
+    x = torch.gather(x, 2, rows[:, None, :, None].expand(b, c, ho, w))
+    return torch.gather(x, 3, cols[:, None, None, :].expand(b, c, ho, wo))
+
+
+def s3pool_eval(x: Tensor) -> Tensor:
+    """S3Pool at evaluation: ``avg_pool2d(max2x2_stride1(x), 2, stride 2, ceil_mode)``.
+
+    The deterministic form PAPER.md names (average pooling with the stride replaces the
+    random sampling); for ``grid=2`` it is the expectation of the training output.
+    """
+    return F.avg_pool2d(max2x2_stride1(x), 2, 2, ceil_mode=True)
+
+
+class S3Pool2x2(LocalPool):
+    """S3Pool (Zhai et al., CVPR 2017): ``(B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))``.
+
+    Step 1: ``m = max2x2_stride1(x)`` (2x2 max at stride 1, size kept). Step 2 in
+    training: ``y[b,c,i,j] = m[b, c, rows[b, i], cols[b, j]]`` with rows and columns drawn
+    at random inside grid cells of ``grid`` rows/columns (:func:`s3pool_indices`; shared
+    by all channels, independent per sample; larger grid = more distortion, ``grid=1`` =
+    plain 2x2 max pooling at stride 2). In evaluation: :func:`s3pool_eval`, i.e.
+    ``avg_pool2d(m, 2, 2)``. ``pool_pair`` uses one draw for a branch and its shortcut.
+    """
+
+    def __init__(self, grid: int = 2, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if grid < 1:
+            raise ValueError(f"S3Pool2x2: grid must be >= 1 (cell size in rows), got {grid}")
+        self.grid = grid
+        self.generator = generator
+
+    def _draw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, _, h, w = x.shape
+        rows = s3pool_indices(b, h, self.grid, x.device, self.generator)
+        cols = s3pool_indices(b, w, self.grid, x.device, self.generator)
+        return rows, cols
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training:
+            return s3pool_eval(x)
+        return s3pool_sample(max2x2_stride1(x), *self._draw(x))
+
+    def pool_pair(self, x: Tensor, skip: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.training:
+            return s3pool_eval(x), s3pool_eval(skip)
+        rows, cols = self._draw(x)
+        return (s3pool_sample(max2x2_stride1(x), rows, cols),
+                s3pool_sample(max2x2_stride1(skip), rows, cols))
+
+    def extra_repr(self) -> str:
+        return f"grid={self.grid}"
+
+
+LocalPoolFactory = Callable[[int, int], LocalPool]
+
+#: Local (downsampling) pools by name: ``factory(channels, s3pool_grid) -> module``.
+LOCAL_POOLS: dict[str, LocalPoolFactory] = {
+    "max": lambda c, grid: MaxPool2x2(),
+    "avg": lambda c, grid: AvgPool2x2(),
+    "gfgp": lambda c, grid: GFGPPool2x2(c),
+    "s3pool": lambda c, grid: S3Pool2x2(grid),
+}
+
+
+def build_local_pool(name: str, channels: int, s3pool_grid: int = 2) -> LocalPool:
+    """Build the 2x2 stride-2 pool called ``name`` for maps with ``channels`` channels.
+
+    ``s3pool_grid`` is S3Pool's grid cell size (ignored by the others).
+    """
+    try:
+        factory = LOCAL_POOLS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown local pool {name!r}; valid names: {', '.join(sorted(LOCAL_POOLS))}"
+        ) from None
+    return factory(channels, s3pool_grid)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import platform
 import sys
 import time
@@ -193,7 +194,39 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(run_dir)
     cell = cell_hash(cfg)
-    _claim_run_dir(cfg, run_dir, cell)
+    _make_writable_dir(run_dir)
+    with _exclusive(run_dir):
+        _claim_run_dir(cfg, run_dir, cell)
+        return _run_locked(cfg, run_dir, cell)
+
+
+@contextlib.contextmanager
+def _exclusive(run_dir: Path):
+    """Hold ``run_dir/.lock`` so two processes never train the same cell at once."""
+    import fcntl
+
+    with open(run_dir / ".lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise FlexexpError(
+                f"another process (pid {lock.read().strip() or '?'}) is training {run_dir} right "
+                "now; wait for it, or stop it before starting this cell again."
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        for stale in run_dir.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, cell: str) -> dict[str, Any]:
     result_path = run_dir / RESULT_FILE
     if result_path.exists():
         try:
@@ -235,8 +268,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return record
 
 
-def _claim_run_dir(cfg: DictConfig, run_dir: Path, cell: str) -> None:
-    """Create ``run_dir`` and record its cell; refuse a directory that holds another cell."""
+def _make_writable_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -247,6 +279,10 @@ def _claim_run_dir(cfg: DictConfig, run_dir: Path, cell: str) -> None:
             f"cannot write to the run directory {run_dir} ({exc.strerror}): choose a writable "
             "root with paths.runs=DIR."
         ) from None
+
+
+def _claim_run_dir(cfg: DictConfig, run_dir: Path, cell: str) -> None:
+    """Record the cell of ``run_dir``; refuse a directory that holds another cell."""
     cell_path = run_dir / CELL_FILE
     wanted = cell_config(cfg)
     if cell_path.exists():
@@ -389,11 +425,13 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> dict[str, 
             train_time += epoch_time
             bad_step = int(c.bad_step)
             if bad_step >= 0:
+                kept = (f"the last good checkpoint (epoch {epoch}) is kept in "
+                        f"{run_dir / CHECKPOINT_FILE}" if epoch > 0
+                        else "no checkpoint was written")
                 raise DivergenceError(
                     f"the training loss became NaN or infinite at epoch {epoch + 1}, step "
-                    f"{bad_step} (lr {learning_rate(cfg, bad_step, total_steps):.3g}); the "
-                    f"last good checkpoint is kept in {run_dir / CHECKPOINT_FILE}. Lower "
-                    "optim.lr or check the data."
+                    f"{bad_step} (lr {learning_rate(cfg, bad_step, total_steps):.3g}); {kept}. "
+                    "Lower optim.lr (or check the data) and start the run again."
                 )
             head_loss = (c.loss / n_train).tolist()
             entry: dict[str, Any] = {

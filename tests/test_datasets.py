@@ -244,6 +244,41 @@ def test_checksums_are_verified_by_default(tmp_path, name, bad_file):
     assert cache_files(tmp_path) == []
 
 
+def test_verified_load_runs_torchvisions_checks(tmp_path, monkeypatch):
+    """With the fixture's own MD5s in torchvision's class, verification passes."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import calculate_md5
+
+    w = write_cifar10(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+
+    def md5(f: str) -> str:
+        return calculate_md5(str(folder / f))
+
+    monkeypatch.setattr(CIFAR10, "train_list", [[f, md5(f)] for f, _ in CIFAR10.train_list])
+    monkeypatch.setattr(CIFAR10, "test_list", [[f, md5(f)] for f, _ in CIFAR10.test_list])
+    monkeypatch.setattr(CIFAR10, "meta", {**CIFAR10.meta, "md5": md5("batches.meta")})
+    arrays = load_arrays(spec_for("cifar10", tmp_path, verify=True))
+    assert torch.equal(arrays.x_test, torch.from_numpy(w.x_test))
+    (path,) = cache_files(tmp_path)
+    assert torch.load(path, weights_only=True)["verified"] is True
+
+
+def test_interrupted_download_leaves_no_partial_archive(tmp_path, monkeypatch):
+    from torchvision.datasets import utils as tv_utils
+
+    def half(url: str, filename: str, chunk_size: int = 0) -> None:
+        Path(filename).write_bytes(b"PK\x03\x04 the first bytes of a zip")
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(tv_utils, "_get_redirect_url", lambda url, max_hops=3: url)
+    monkeypatch.setattr(tv_utils, "_urlretrieve", half)
+    with pytest.raises(DataError, match="connection reset by peer"):
+        load_arrays(spec_for("tiny_imagenet", tmp_path, download=True))
+    assert not (tmp_path / "tiny-imagenet-200.zip").exists()
+    assert not (tmp_path / "tiny-imagenet-200").exists()
+
+
 def test_unverified_cache_is_not_trusted_by_a_verifying_run(tmp_path):
     write_cifar10(tmp_path)
     load_arrays(spec_for("cifar10", tmp_path))  # builds a cache without the MD5 checks

@@ -1,0 +1,254 @@
+"""Runs that survive kills, bad numbers and bad input (SIGKILL, NaN, the bad-input catalogue)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY, make_cfg, run_cli
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flexexp import trainer
+from flexexp.config import check_overrides, validate
+from flexexp.errors import ConfigError, FlexexpError
+from flexexp.tracking import read_json
+
+LONG = [*TINY, "pool=flex_reg_dropout", "sac=on", "trainer.epochs=6", "dataset.train_size=512"]
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "last.pt", weights_only=True)["model"]
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ra, rb = read_json(a / "result.json"), read_json(b / "result.json")
+    assert ra["status"] == rb["status"] == "completed"
+    assert ra["test_acc"] == rb["test_acc"]
+    assert [h["train_loss"] for h in ra["history"]] == [h["train_loss"] for h in rb["history"]]
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def only_run_dir(runs: Path) -> Path:
+    (cell,) = list(runs.rglob("cell.json"))
+    return cell.parent
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The uninterrupted run the killed ones must reproduce bit for bit."""
+    root = tmp_path_factory.mktemp("ref")
+    proc = run_cli([*LONG, f"paths.runs={root}"], cwd=root)
+    assert proc.returncode == 0, proc.stderr
+    return only_run_dir(root)
+
+
+def start(args: list[str], cwd: Path, extra_code: str = "") -> subprocess.Popen:
+    code = f"{extra_code}\nimport sys\nsys.argv = ['flexexp.train', *{args!r}]\n" \
+           "from flexexp.train import main\nmain()\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_is_identical(tmp_path, reference):
+    runs = tmp_path / "runs"
+    proc = start([*LONG, f"paths.runs={runs}"], tmp_path)
+    deadline = time.time() + 120
+    ckpts: list[Path] = []
+    while time.time() < deadline and not ckpts:
+        ckpts = list(runs.rglob("last.pt"))
+        time.sleep(0.05)
+    assert ckpts, "the run never wrote a checkpoint"
+    time.sleep(0.3)  # into the next epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = only_run_dir(runs)
+    done = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
+    assert 1 <= done < 6, "kill landed after the run finished"
+    assert not (run_dir / "result.json").exists()
+    again = run_cli([*LONG, f"paths.runs={runs}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {run_dir} from epoch {done}/6" in again.stdout + again.stderr
+    assert_same_run(reference, run_dir)
+
+
+KILL_IN_SECOND_CHECKPOINT = """
+import os, signal
+import flexexp.tracking as tracking
+_real = tracking.atomic_write_bytes
+_calls = {"n": 0}
+def _dying_write(path, data):
+    if str(path).endswith("last.pt"):
+        _calls["n"] += 1
+        if _calls["n"] == 2:  # half of epoch 2's checkpoint reaches the disk, then SIGKILL
+            tmp = os.path.join(os.path.dirname(path), ".last.pt.killed.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data[: len(data) // 2])
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+    return _real(path, data)
+tracking.atomic_write_bytes = _dying_write
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_mid_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, reference):
+    runs = tmp_path / "runs"
+    proc = start([*LONG, f"paths.runs={runs}"], tmp_path, KILL_IN_SECOND_CHECKPOINT)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
+    run_dir = only_run_dir(runs)
+    assert (run_dir / ".last.pt.killed.tmp").exists()
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1  # intact, epoch 1
+    again = run_cli([*LONG, f"paths.runs={runs}"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert not (run_dir / ".last.pt.killed.tmp").exists()  # the half-written file is cleaned
+    assert_same_run(reference, run_dir)
+
+
+def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    cfg = make_cfg([*TINY, "trainer.epochs=3"])
+    steps = -(-256 // 64)
+    real_lr = trainer.learning_rate
+    # an absurd learning rate from epoch 2 on: the loss overflows
+    monkeypatch.setattr(trainer, "learning_rate",
+                        lambda c, step, total: 1e30 if step >= steps else real_lr(c, step, total))
+    with pytest.raises(FlexexpError, match="NaN or infinite at epoch 2, step"):
+        trainer.run(cfg, tmp_path / "run")
+    rec = read_json(tmp_path / "run" / "result.json")
+    assert rec["status"] == "failed" and "DivergenceError" in rec["error"]
+    assert "last good checkpoint (epoch 1)" in rec["error"]
+    state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_nan_cell_fails_and_the_sweep_goes_on(tmp_path):
+    runs = tmp_path / "runs"
+    proc = run_cli(["-m", *TINY, "sched=constant", "optim.lr=1e30,0.01", f"paths.runs={runs}"],
+                   cwd=tmp_path)
+    assert proc.returncode != 0  # the sweep reports its failure at the end ...
+    recs = sorted((read_json(p) for p in runs.rglob("result.json")),
+                  key=lambda r: r["config"]["optim"]["lr"] if "config" in r else 1e30)
+    by_status = {r["status"]: r for r in recs}
+    assert set(by_status) == {"failed", "completed"}  # ... after running the next cell
+    assert "NaN or infinite at epoch 1" in by_status["failed"]["error"]
+
+
+# ---------------------------------------------------------------------------- bad input
+
+CATALOGUE = [
+    (["dataset=cifar"], "Unknown option 'cifar' for group 'dataset'", "cifar10"),
+    (["pool=flexpool"], "Unknown option 'flexpool' for group 'pool'", "flex_reg"),
+    (["sac=yes"], "Unknown option 'yes' for group 'sac'", "on"),
+    (["trainer.epoch=3"], "Unknown key 'trainer.epoch'", "Did you mean 'epochs'"),
+    (["trainer.epochs=ten"], "trainer.epochs='ten' must be an integer", "trainer.epochs=10"),
+    (["trainer.epochs=0"], "trainer.epochs=0 must be positive", "trainer.epochs=100"),
+    (["trainer.epochs=-2"], "trainer.epochs=-2 must be positive", "trainer.epochs=100"),
+    (["trainer.batch_size=0"], "trainer.batch_size=0 must be positive", "batch_size=1000"),
+    (["optim.lr=-0.1"], "optim.lr=-0.1 must be positive", "optim.lr=0.1"),
+    (["sac=on", "sac.weights=[0.3,0.7]"], "sac.weights=[0.3, 0.7] must have 3 entries",
+     "[0.1,0.2,0.7]"),
+    (["sac=on", "sac.weights=[0.1,-0.2,0.7]"], "must not be negative", "[0.1,0.2,0.7]"),
+    (["trainer.batch_size=100000"], "trainer.batch_size=100000 is larger than the 256",
+     "trainer.batch_size<=256"),
+    (["dataset.image_size=3"], "dataset.image_size=3 is too small", "at least 4"),
+    (["+trainer.epochz=3"], "bypasses the schema", "drop the '+'"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides,problem,fix", CATALOGUE,
+                         ids=[" ".join(c[0]) for c in CATALOGUE])
+def test_bad_input_catalogue(tmp_path, overrides, problem, fix):
+    proc = run_cli([*TINY, *overrides, f"paths.runs={tmp_path / 'runs'}"], cwd=tmp_path)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert problem in proc.stderr and fix in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_gpu(tmp_path):
+    proc = run_cli([*TINY, "trainer.device=cuda", f"paths.runs={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "trainer.device=cuda but no GPU is visible" in proc.stderr
+    assert "trainer.device=auto" in proc.stderr
+
+
+def test_unwritable_run_directory(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the runs root should be")
+    proc = run_cli([*TINY, f"paths.runs={blocker}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "cannot write to the run directory root" in proc.stderr
+    assert "is not a directory" in proc.stderr and "paths.runs=DIR" in proc.stderr
+    assert blocker.read_text() == "a file where the runs root should be"
+
+
+def test_run_directory_with_another_config_is_refused(tmp_path):
+    first = run_cli([*TINY, f"paths.runs={tmp_path}"], cwd=tmp_path)
+    assert first.returncode == 0
+    run_dir = only_run_dir(tmp_path)
+    before = (run_dir / "result.json").read_bytes(), (run_dir / "last.pt").read_bytes()
+    proc = run_cli([*TINY, "trainer.epochs=2", f"paths.runs={tmp_path}",
+                    f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "holds a run of a different config (differs in: trainer.epochs)" in proc.stderr
+    assert "delete that directory to start fresh" in proc.stderr
+    assert ((run_dir / "result.json").read_bytes(), (run_dir / "last.pt").read_bytes()) == before
+
+
+def test_a_cell_being_trained_elsewhere_is_not_touched(tmp_path):
+    cfg = make_cfg(TINY)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with trainer._exclusive(run_dir):
+        with pytest.raises(FlexexpError, match="another process .* is training"):
+            trainer.run(cfg, run_dir)
+    assert not (run_dir / "result.json").exists()
+    assert trainer.run(cfg, run_dir)["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------- property test
+
+KEYS = ["trainer.epochs", "trainer.batch_size", "optim.lr", "sac.weights", "pool.dropout",
+        "pool.reg", "dataset.image_size", "trainer.device", "trainer.precision", "model.depth",
+        "trainer.epoch", "optim.lrr", "seed", "dataset.scale", "trainer.progress", "pool", "sac",
+        "dataset", "optim", "sched", "nonsense.key"]
+VALUES = st.one_of(
+    st.integers(-5, 5000).map(str),
+    st.floats(-10, 10, allow_nan=False).map(lambda f: f"{f:.3g}"),
+    st.sampled_from(["abc", "true", "false", "null", "cuda", "cpu", "auto", "bf16", "on", "off",
+                     "flex", "avg", "cifar10", "digits", "[0.1,0.2,0.7]", "[1,2]", "[]",
+                     "[0.5,x]", "1e-3", "''"]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=4))
+def test_random_overrides_never_give_an_unexplained_error(pairs):
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    overrides = [f"{k}={v}" for k, v in pairs]
+    try:
+        check_overrides(overrides)
+        validate(make_cfg(overrides))
+    except ConfigError as exc:
+        assert any(k in str(exc) for k, _ in pairs) or "group" in str(exc), str(exc)
+    except (HydraException, OmegaConfBaseException) as exc:
+        # Hydra's own composition errors name the key they reject
+        assert any(k.split(".")[-1] in str(exc) for k, _ in pairs), str(exc)
+    except UserWarning:
+        pass
