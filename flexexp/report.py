@@ -1,4 +1,6 @@
-"""Rebuild the paper's Tables 1 and 2 from run records: ``python -m flexexp.report``.
+"""Rebuild the paper's Tables 1 and 2 (and Table 3, related pools) from run records.
+
+``python -m flexexp.report``
 
 Reads every ``result.json`` under ``paths.runs`` and writes to ``out_dir``:
 
@@ -9,7 +11,16 @@ Reads every ``result.json`` under ``paths.runs`` and writes to ``out_dir``:
 - ``significance1.csv`` / ``significance2.csv``: each FlexPool variant against AvgPool on
   the same dataset and seeds (paired t-test and 95% interval of the difference);
 - ``figure1.png`` / ``figure2.png``: bar charts like the paper's Figures 2 and 4;
-- ``runs.csv`` (every run read) and ``failed.csv`` (runs that did not complete).
+- ``runs.csv`` (every run read) and ``failed.csv`` (runs that did not complete);
+- ``table3.csv`` / ``table3.md``, only when there are runs of the related pools
+  (PAPER.md sec. 5: a global pool other than the four paper variants, or
+  ``model.downsample`` other than ``stride``): one row per dataset x SAC x
+  (pool, downsample) with ``n, mean, std, min, max``, the model's parameters, the extra
+  parameters over AvgPool + stride, and the mean training step time.
+
+Tables 1 and 2 are the paper's backbone, so they only read ``model.downsample=stride``
+runs (records without the key count as stride); Table 3 reads every run on the datasets
+(and SAC setting) that have related runs, so its baselines sit beside them.
 
 A pure function of the records: it needs neither torch nor a Hydra run. Cells without
 runs stay empty (never zero); failed runs are listed, not averaged; runs of different
@@ -38,7 +49,15 @@ LABELS = {
     "tiny_imagenet": "Tiny ImageNet", "digits": "Digits", "synthetic": "Synthetic",
     "avg": "AvgPool", "flex": "FlexPool", "flex_reg": "FlexPool+Reg",
     "flex_reg_dropout": "FlexPool+Reg+Dropout", "flex_softmax": "FlexPool (softmax)",
+    "max": "MaxPool", "gfgp": "GFGP",
 }
+#: Table 3 orders: global pools, then ``model.downsample`` options (flexexp.models).
+POOL_ORDER = ["avg", "max", "flex", "flex_reg", "flex_reg_dropout", "flex_softmax", "gfgp"]
+DOWNSAMPLES = ["stride", "max", "avg", "gfgp", "s3pool"]
+DOWNSAMPLE_LABELS = {"stride": "stride conv", "max": "MaxPool", "avg": "AvgPool",
+                     "gfgp": "GFGP", "s3pool": "S3Pool"}
+POOLS_COLUMNS = ["dataset", "sac", "pool", "downsample", "n", "mean", "std", "min", "max",
+                 "params", "extra_params", "step_ms"]
 TABLE_COLUMNS = ["dataset", "variant", "n", "mean", "std", "min", "max", "paper", "delta"]
 REQUIRED = ("dataset", "pool", "sac", "seed", "status")
 DEFAULT_PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
@@ -60,6 +79,16 @@ def _config_key(rec: dict[str, Any]) -> str:
     if not cfg:  # no config in the record: fall back to what the record says
         cfg = {k: rec.get(k) for k in ("dataset", "pool", "sac", "epochs")}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _downsample(rec: dict[str, Any]) -> str:
+    """``config.model.downsample`` of a record; ``stride`` where the record predates it."""
+    model = (rec.get("config") or {}).get("model") or {}
+    return str(model.get("downsample") or "stride")
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, int | float) else math.nan
 
 
 def load_runs(runs_dir: str | Path) -> pd.DataFrame:
@@ -88,13 +117,19 @@ def load_runs(runs_dir: str | Path) -> pd.DataFrame:
             "status": rec["status"],
             "test_acc": float(rec["test_acc"]) if rec.get("test_acc") is not None else math.nan,
             "epochs": rec.get("epochs"),
+            "downsample": _downsample(rec),
+            "num_params": _number(rec.get("num_params")),
+            "images_per_s": _number(rec.get("images_per_s")),
+            "batch_size": _number(((rec.get("config") or {}).get("trainer") or {})
+                                  .get("batch_size")),
             "config_key": _config_key(rec),
             "error": rec.get("error", ""),
             "run_dir": str(path.parent),
             "finished": path.stat().st_mtime,
         })
-    cols = ["dataset", "variant", "sac", "seed", "status", "test_acc", "epochs", "config_key",
-            "error", "run_dir", "finished"]
+    cols = ["dataset", "variant", "sac", "seed", "status", "test_acc", "epochs", "downsample",
+            "num_params", "images_per_s", "batch_size", "config_key", "error", "run_dir",
+            "finished"]
     return pd.DataFrame(rows, columns=cols)
 
 
@@ -107,18 +142,21 @@ def load_paper(paper_dir: str | Path, table: int) -> pd.DataFrame:
     return wide.melt(id_vars="dataset", var_name="variant", value_name="paper")
 
 
-def select_comparable(completed: pd.DataFrame) -> pd.DataFrame:
-    """Keep, per (dataset, variant, sac), the runs of one config: the one with most runs."""
+def select_comparable(completed: pd.DataFrame,
+                      keys: tuple[str, ...] = ("dataset", "variant", "sac")) -> pd.DataFrame:
+    """Keep, per cell (``keys``), the runs of one config: the one with most runs."""
     if completed.empty:
         return completed
     keep = []
-    for (ds, var, sac), group in completed.groupby(["dataset", "variant", "sac"], sort=False):
+    for cell, group in completed.groupby(list(keys), sort=False):
         counts = group.groupby("config_key").agg(n=("seed", "size"), last=("finished", "max"))
         best = counts.sort_values(["n", "last"], ascending=False).index[0]
         if len(counts) > 1:
+            where = "/".join(f"{k}={v}" if k == "sac" else str(v)
+                             for k, v in zip(keys, cell, strict=True))
             others = ", ".join(f"{k} ({r.n} runs)" for k, r in counts.drop(best).iterrows())
             warnings.warn(
-                f"{ds}/{var}/sac={sac}: runs of {len(counts)} different configs; the table "
+                f"{where}: runs of {len(counts)} different configs; the table "
                 f"uses config {best} ({counts.loc[best, 'n']} runs) and leaves out {others} "
                 "(see runs.csv)", stacklevel=2)
         keep.append(group[group.config_key == best])
@@ -230,6 +268,76 @@ def to_markdown(table: pd.DataFrame, sig: pd.DataFrame, title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------------------- table 3
+
+
+def related_runs(runs: pd.DataFrame) -> pd.Series:
+    """Mask of the runs of the related pools: a non-paper global pool or a pooled downsample."""
+    return ~runs.variant.isin(VARIANTS) | (runs.downsample != "stride")
+
+
+def build_pools_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Table 3: one row per dataset x SAC x (pool, downsample), where related runs exist.
+
+    ``n, mean, std, min, max`` of the top-1 accuracy over the completed runs of one config
+    (cells whose runs all failed stay, with ``n = 0``); ``params`` is the model's
+    parameter count, ``extra_params`` its excess over AvgPool + stride on the same
+    dataset and SAC setting (blank without that baseline), ``step_ms`` the mean training
+    step time ``1000 * batch_size / images_per_s`` (on each run's own device).
+    """
+    keys = ["dataset", "sac", "variant", "downsample"]
+    scope = runs[related_runs(runs)][["dataset", "sac"]].drop_duplicates()
+    runs = runs.merge(scope, on=["dataset", "sac"])
+    done = select_comparable(runs[runs.status == "completed"], tuple(keys))
+    done = done.assign(step_ms=1000.0 * done.batch_size / done.images_per_s)
+    stats = (done.groupby(keys)
+             .agg(n=("test_acc", "size"), mean=("test_acc", "mean"), std=("test_acc", "std"),
+                  min=("test_acc", "min"), max=("test_acc", "max"),
+                  params=("num_params", "mean"), step_ms=("step_ms", "mean"))
+             .reset_index())
+    table = runs[keys].drop_duplicates().merge(stats, how="left", on=keys)
+    table["n"] = table["n"].fillna(0).astype(int)
+    base = table[(table.variant == "avg") & (table.downsample == "stride")]
+    base = base[["dataset", "sac", "params"]].rename(columns={"params": "base_params"})
+    table = table.merge(base, how="left", on=["dataset", "sac"])
+    table["extra_params"] = table["params"] - table["base_params"]
+    ds_order = _order(table.dataset.unique().tolist(), PAPER_DATASETS)
+    pool_order = _order(table.variant.unique().tolist(), POOL_ORDER)
+    down_order = _order(table.downsample.unique().tolist(), DOWNSAMPLES)
+    table = table.assign(_d=table.dataset.map(ds_order.index),
+                         _p=table.variant.map(pool_order.index),
+                         _l=table.downsample.map(down_order.index))
+    table = table.sort_values(["_d", "sac", "_l", "_p"]).reset_index(drop=True)
+    return table.rename(columns={"variant": "pool"})[POOLS_COLUMNS]
+
+
+def pools_markdown(table: pd.DataFrame) -> str:
+    """Table 3 as Markdown: one line per dataset x SAC x (global pool, downsampling)."""
+    lines = ["## Table 3: related pools (global pool x local downsampling, PAPER.md sec. 5)", "",
+             "Top-1 test accuracy (%), mean ± std over seeds (n runs); — means no completed "
+             "run. *params*: trainable parameters; *extra*: over AvgPool + stride conv on the "
+             "same dataset; *step*: mean training step (ms) of the runs, on their own device "
+             "and batch size.", "",
+             "| dataset | SAC | global pool | downsampling | top-1 | min | max | params | "
+             "extra | step (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for _, r in table.iterrows():
+        if r.n == 0:
+            acc = "—"
+        elif r.n == 1:
+            acc = f"{r['mean']:.2f} (1)"
+        else:
+            acc = f"{r['mean']:.2f} ± {r['std']:.2f} ({r.n})"
+        params = "" if math.isnan(r.params) else f"{r.params:,.0f}"
+        extra = "" if math.isnan(r.extra_params) else f"{r.extra_params:+,.0f}"
+        lines.append(
+            f"| {LABELS.get(r.dataset, r.dataset)} | {'on' if r.sac else 'off'} | "
+            f"{LABELS.get(r.pool, r.pool)} | {DOWNSAMPLE_LABELS.get(r.downsample, r.downsample)}"
+            f" | {acc} | {_fmt(r['min'])} | {_fmt(r['max'])} | {params} | {extra} | "
+            f"{_fmt(r.step_ms, 1)} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(table: pd.DataFrame, title: str, path: Path) -> None:
     """Grouped bars per dataset (mean ± std), paper numbers as black markers."""
     import matplotlib
@@ -290,15 +398,22 @@ def report(runs_dir: str | Path, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     runs = load_runs(runs_dir)
     tables: dict[str, pd.DataFrame] = {}
+    # the paper's tables compare pools on ResNet20's own (strided) downsampling only
+    paper_runs = runs[runs.downsample == "stride"]
     for num, sac, title in ((1, False, "Table 1: single classifier"),
                             (2, True, "Table 2: with SAC")):
-        table = build_table(runs, load_paper(paper_dir, num), sac)
-        sig = significance(runs, sac)
+        table = build_table(paper_runs, load_paper(paper_dir, num), sac)
+        sig = significance(paper_runs, sac)
         _write(out / f"table{num}.csv", table.to_csv(index=False, float_format="%.4f"))
         _write(out / f"significance{num}.csv", sig.to_csv(index=False, float_format="%.4f"))
         _write(out / f"table{num}.md", to_markdown(table, sig, title))
         plot(table, title, out / f"figure{num}.png")
         tables[f"table{num}"], tables[f"significance{num}"] = table, sig
+    if related_runs(runs).any():
+        pools = build_pools_table(runs)
+        _write(out / "table3.csv", pools.to_csv(index=False, float_format="%.4f"))
+        _write(out / "table3.md", pools_markdown(pools))
+        tables["table3"] = pools
     _write(out / "runs.csv", runs.drop(columns=["finished"]).to_csv(index=False))
     failed = runs[runs.status != "completed"]
     _write(out / "failed.csv", failed[["dataset", "variant", "sac", "seed", "status", "error",
@@ -310,8 +425,9 @@ def report(runs_dir: str | Path, out_dir: str | Path,
 USAGE = """usage: python -m flexexp.report [paths.runs=DIR] [out_dir=DIR] [paper_dir=DIR]
 
 Rebuild Tables 1 and 2 from every result.json under paths.runs (default runs/) into
-out_dir (default results/). paper_dir holds the paper's table1.csv and table2.csv
-(default: results/paper of this checkout)."""
+out_dir (default results/), and Table 3 when there are runs of the related pools (pool=max,
+gfgp or flex_softmax, or model.downsample other than stride). paper_dir holds the paper's
+table1.csv and table2.csv (default: results/paper of this checkout)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,14 +457,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(opts["out_dir"])
     runs, failed = tables["runs"], tables["failed"]
     print(f"{len(runs)} runs read from {runs_dir} ({len(failed)} not completed)\n")
-    for num in (1, 2):
-        print((out / f"table{num}.md").read_text())
+    for num in (1, 2, 3):
+        if f"table{num}" in tables:
+            print((out / f"table{num}.md").read_text())
     if len(failed):
         print("Runs that did not complete (not averaged):")
         for _, r in failed.iterrows():
             print(f"  {r.run_dir}: {r.status} {r.error}")
-    print(f"\nwrote {out}/table{{1,2}}.{{csv,md}}, significance{{1,2}}.csv, figure{{1,2}}.png, "
-          "runs.csv, failed.csv")
+    table3 = ", table3.{csv,md}" if "table3" in tables else ""
+    print(f"\nwrote {out}/table{{1,2}}.{{csv,md}}, significance{{1,2}}.csv, figure{{1,2}}.png"
+          f"{table3}, runs.csv, failed.csv")
     return 0
 
 

@@ -6,6 +6,7 @@ it (joblib, submitit) import it by name instead of copying this module.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -19,12 +20,27 @@ def main() -> None:
     try:
         check_overrides(sys.argv[1:])
         check_runs_root(sys.argv[1:])
+        _torchrun_arguments()
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     from flexexp.trainer import task  # torch loads only once the overrides are known good
 
     hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)()
+
+
+def _torchrun_arguments() -> None:
+    """Under torchrun all ranks share one run directory; only rank 0 writes Hydra's files."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    if {"-m", "--multirun"} & set(sys.argv[1:]):
+        raise ConfigError(
+            "torchrun runs one training job over several processes; a sweep (-m) under it "
+            "would run the whole sweep in every process. Drop -m, or launch the sweep "
+            "without torchrun (hydra/launcher=submitit_slurm runs one job per cell)."
+        )
+    if os.environ.get("RANK", "0") != "0":
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
 
 
 if __name__ == "__main__":

@@ -44,7 +44,8 @@ from flexexp.tracking import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "task", "onecycle_lr", "resolve_device", "build_model", "evaluate"]
+__all__ = ["run", "task", "onecycle_lr", "resolve_device", "build_model", "evaluate", "TrainStep",
+           "Dist"]
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -174,12 +175,24 @@ class Counters:
     penalty: torch.Tensor  # () sum of the regulariser over steps
     correct: torch.Tensor  # () main-head correct predictions
     bad_step: torch.Tensor  # () first step with a non-finite loss, -1 if none
+    seen: torch.Tensor  # () training images processed
 
     @classmethod
     def zeros(cls, heads: int, device: torch.device) -> Counters:
         z = torch.zeros((), device=device)
         return cls(torch.zeros(heads, device=device), z.clone(), z.clone(),
-                   torch.full((), -1, device=device, dtype=torch.long))
+                   torch.full((), -1, device=device, dtype=torch.long), z.clone())
+
+    def all_reduce(self, dist: Dist) -> None:
+        """Sum the counters over the ranks of a data-parallel job (bad_step: the max)."""
+        if dist.world == 1:
+            return
+        import torch.distributed as tdist
+
+        for t in (self.loss, self.correct, self.seen):
+            tdist.all_reduce(t)
+        tdist.all_reduce(self.bad_step, op=tdist.ReduceOp.MAX)
+        # the penalty depends on the shared weights only: every rank holds the same value
 
 
 # ---------------------------------------------------------------------------- the run
@@ -190,14 +203,51 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
     A completed run in ``run_dir`` is skipped; an interrupted one resumes from
     ``last.pt``. A failure writes ``status: failed`` with the error and re-raises.
+    Under ``torchrun`` every rank trains its share of each batch and rank 0 alone writes.
     """
     validate(cfg)
     run_dir = Path(run_dir)
     cell = cell_hash(cfg)
-    _make_writable_dir(run_dir)
-    with _exclusive(run_dir):
-        _claim_run_dir(cfg, run_dir, cell)
-        return _run_locked(cfg, run_dir, cell)
+    dist = init_distributed(cfg.trainer.device)
+    if not dist.main:
+        record = _run_locked(cfg, run_dir, cell, dist)
+    else:
+        _make_writable_dir(run_dir)
+        with _exclusive(run_dir):
+            _claim_run_dir(cfg, run_dir, cell)
+            record = _run_locked(cfg, run_dir, cell, dist)
+    if dist.world > 1:  # leave together: a rank that exits early aborts the others
+        import torch.distributed as tdist
+
+        tdist.barrier()
+        tdist.destroy_process_group()
+    return record
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a data-parallel job (``world == 1``: a plain run)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_name: str) -> Dist:
+    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        use_nccl = device_name != "cpu" and torch.cuda.is_available()
+        tdist.init_process_group("nccl" if use_nccl else "gloo")
+    return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 @contextlib.contextmanager
@@ -226,7 +276,7 @@ def _exclusive(run_dir: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _run_locked(cfg: DictConfig, run_dir: Path, cell: str) -> dict[str, Any]:
+def _run_locked(cfg: DictConfig, run_dir: Path, cell: str, dist: Dist) -> dict[str, Any]:
     result_path = run_dir / RESULT_FILE
     if result_path.exists():
         try:
@@ -254,9 +304,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, cell: str) -> dict[str, Any]:
         "command": " ".join(sys.argv),
     }
     try:
-        record.update(_train(cfg, run_dir, record))
+        record.update(_train(cfg, run_dir, record, dist))
         record["status"] = "completed"
     except BaseException as exc:  # KeyboardInterrupt too: the record says what happened
+        if not dist.main:
+            raise
         record["status"] = "failed"
         record["error"] = f"{type(exc).__name__}: {exc}"
         record["wall_time_s"] = time.time() - started
@@ -264,7 +316,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, cell: str) -> dict[str, Any]:
         write_json(result_path, record)
         raise
     record["config"] = OmegaConf.to_container(cfg, resolve=True)
-    write_json(result_path, record)  # last: only a finished run has status completed
+    if dist.main:
+        write_json(result_path, record)  # last: only a finished run has status completed
     return record
 
 
@@ -310,14 +363,76 @@ def _diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
     return [] if a == b else [prefix.rstrip(".")]
 
 
-def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> dict[str, Any]:
+class _AllHeads(torch.nn.Module):
+    """``forward = model.forward_heads``, so DDP (which wraps ``forward``) syncs every head."""
+
+    def __init__(self, model: CifarResNet) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return self.model.forward_heads(x)
+
+
+class TrainStep:
+    """One optimisation step, shared by the trainer and the benchmark.
+
+    ``step(x, y, lr)`` runs the forward pass of every head under autocast, the loss
+    ``sum_h w_h CE(h) + reg * penalty``, backward and the optimiser step, and returns
+    device tensors ``(loss, ce per head, main-head logits, penalty or None)`` without
+    reading them back to the host.
+    """
+
+    def __init__(self, cfg: DictConfig, model: CifarResNet, device: torch.device,
+                 amp_dtype: torch.dtype | None, dist: Dist = Dist()) -> None:
+        self.model, self.device = model, device
+        self.optimizer = build_optimizer(cfg, model)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        self.autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                         else contextlib.nullcontext())
+        weights = list(cfg.sac.weights) if cfg.sac.enabled else [1.0]
+        self.head_weights = weights
+        self.head_w = torch.tensor(weights, device=device)
+        self.reg = float(cfg.pool.reg)
+        forward: torch.nn.Module = _AllHeads(model)
+        if dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(
+                forward, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward = torch.compile(forward) if cfg.trainer.compile else forward
+
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float):
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        with self.autocast:
+            logits = self.forward(x)
+            ce = torch.stack([F.cross_entropy(o.float(), y) for o in logits])
+            loss = (self.head_w * ce).sum()
+            penalty = self.model.regularization() if self.reg > 0 else None
+            if penalty is not None:
+                loss = loss + self.reg * penalty
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.detach(), ce.detach(), logits[-1].detach(), (
+            penalty.detach() if penalty is not None else None)
+
+
+def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist) -> dict[str, Any]:
     t = cfg.trainer
     device = resolve_device(t.device)
+    if device.type == "cuda" and dist.world > 1:
+        device = torch.device("cuda", dist.local_rank)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     torch.use_deterministic_algorithms(bool(t.deterministic), warn_only=True)
     amp_dtype = resolve_precision(t.precision, device)
-    torch.manual_seed(cfg.seed)  # model initialisation
+    if amp_dtype == torch.float16 and device.type == "cpu":
+        log.warning("trainer.precision=fp16 on the CPU is very slow (no fast fp16 kernels); "
+                    "use bf16 or fp32 there")
+    torch.manual_seed(cfg.seed)  # model initialisation: the same on every rank
     t_start = time.time()
 
     # ---- data: whole splits on the device, batches are slices of a permutation
@@ -328,33 +443,43 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> dict[str, 
             f"trainer.batch_size={t.batch_size} is larger than the {n_train} training images "
             f"of dataset={cfg.dataset.name}: use trainer.batch_size<={n_train}."
         )
+    if t.batch_size % dist.world:
+        raise ConfigError(
+            f"trainer.batch_size={t.batch_size} is not divisible by the {dist.world} processes "
+            "of this torchrun job: each takes an equal share of every batch."
+        )
     memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same order on every rank
+    aug_gen = (torch.Generator(device=device).manual_seed(cfg.seed * 7919 + dist.rank)
+               if dist.world > 1 else None)
     d = cfg.dataset
     aug = Augment(flip=d.flip, scale=(d.scale[0], d.scale[1]), translate=d.translate)
     train_loader = DeviceLoader(arrays.x_train, arrays.y_train, t.batch_size, d.mean, d.std,
                                 device, train=True, aug=aug, generator=gen,
-                                memory_format=memory_format)
+                                memory_format=memory_format, rank=dist.rank, world=dist.world,
+                                aug_generator=aug_gen, drop_last=dist.world > 1)
     test_loader = DeviceLoader(arrays.x_test, arrays.y_test, max(t.batch_size, 1000), d.mean,
                                d.std, device, train=False, memory_format=memory_format)
 
     # ---- model and optimiser
     model = build_model(cfg).to(device, memory_format=memory_format)
-    optimizer = build_optimizer(cfg, model)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    step_fn = torch.compile(model.forward_heads) if t.compile else model.forward_heads
+    trainer_step = TrainStep(cfg, model, device, amp_dtype, dist)
+    optimizer, scaler = trainer_step.optimizer, trainer_step.scaler
     names = head_names(model)
-    weights = list(cfg.sac.weights) if cfg.sac.enabled else [1.0]
-    head_w = torch.tensor(weights, device=device)
+    weights = trainer_step.head_weights
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * t.epochs
     num_params = sum(p.numel() for p in model.parameters())
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
 
     # ---- resume
     start_epoch, history, train_time = 0, [], 0.0
-    state = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    state = load_checkpoint(run_dir / CHECKPOINT_FILE) if dist.main else None
+    if dist.world > 1:  # rank 0 read (and vetted) the checkpoint; the others take its copy
+        import torch.distributed as tdist
+
+        box = [state]
+        tdist.broadcast_object_list(box, src=0)
+        state = box[0]
     if state is not None:
         if state.get("cell") != record["cell"]:
             raise ConfigError(
@@ -372,14 +497,15 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> dict[str, 
         train_time = float(state["train_time_s"])
         log.info("resuming %s from epoch %d/%d", run_dir, start_epoch, t.epochs)
 
-    tb = TensorBoardLogger(run_dir / "tb")
-    record.update(num_params=num_params, device=str(device),
+    tb = TensorBoardLogger(run_dir / "tb" if dist.main else None)
+    record.update(num_params=num_params, device=str(device), world_size=dist.world,
                   device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else platform.processor() or platform.machine(),
-                  precision=str(amp_dtype or torch.float32).replace("torch.", ""))
-    log.info("%s | %s %s sac=%s | %d params | %s | %d train / %d test images | %d steps/epoch",
-             run_dir, cfg.dataset.name, cfg.pool.name, cfg.sac.name, num_params, device,
-             n_train, len(arrays.y_test), steps_per_epoch)
+                  precision=str(amp_dtype or torch.float32).replace("torch.", ""),
+                  channels_last=bool(t.channels_last), compile=bool(t.compile))
+    log.info("%s | %s %s sac=%s | %d params | %s x%d | %d train / %d test images | "
+             "%d steps/epoch", run_dir, cfg.dataset.name, cfg.pool.name, cfg.sac.name,
+             num_params, device, dist.world, n_train, len(arrays.y_test), steps_per_epoch)
     record["startup_s"] = time.time() - t_start
 
     try:
@@ -387,38 +513,27 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> dict[str, 
             # ---- train one epoch
             model.train()
             c = Counters.zeros(len(names), device)
-            bar = _progress(t.progress, steps_per_epoch, epoch, t.epochs)
+            bar = _progress(t.progress and dist.main, steps_per_epoch, epoch, t.epochs)
             t0 = time.time()
             for i, (x, y) in enumerate(train_loader):
                 step = epoch * steps_per_epoch + i
                 lr = learning_rate(cfg, step, total_steps)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-                with autocast:
-                    logits = step_fn(x)
-                    ce = torch.stack([F.cross_entropy(o.float(), y) for o in logits])
-                    loss = (head_w * ce).sum()
-                    penalty = model.regularization() if cfg.pool.reg > 0 else None
-                    if penalty is not None:
-                        loss = loss + cfg.pool.reg * penalty
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
+                loss, ce, main_logits, penalty = trainer_step.step(x, y, lr)
                 # bookkeeping stays on the device: no host sync inside the step
-                bs = y.shape[0]
-                c.loss += ce.detach() * bs
-                c.correct += (logits[-1].detach().argmax(1) == y).sum()
+                c.seen += y.shape[0]
+                c.loss += ce * y.shape[0]
+                c.correct += (main_logits.argmax(1) == y).sum()
                 if penalty is not None:
-                    c.penalty += penalty.detach()
-                bad = ~torch.isfinite(loss.detach())
-                c.bad_step = torch.where(bad & (c.bad_step < 0), step, c.bad_step)
+                    c.penalty += penalty
+                c.bad_step = torch.where(~torch.isfinite(loss) & (c.bad_step < 0), step,
+                                         c.bad_step)
                 if bar is not None:
                     bar.update(1)
                     if i % max(1, steps_per_epoch // 10) == 0 or i == steps_per_epoch - 1:
-                        elapsed = max(time.time() - t0, 1e-9)
+                        elapsed = max(time.time() - t0, 1e-9)  # .item() below: a sync, 10x/epoch
                         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}",
                                         img_s=f"{(i + 1) * t.batch_size / elapsed:.0f}")
+            c.all_reduce(dist)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             epoch_time = time.time() - t0
@@ -433,20 +548,24 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> dict[str, 
                     f"{bad_step} (lr {learning_rate(cfg, bad_step, total_steps):.3g}); {kept}. "
                     "Lower optim.lr (or check the data) and start the run again."
                 )
-            head_loss = (c.loss / n_train).tolist()
+            seen = float(c.seen)
+            head_loss = (c.loss / seen).tolist()
             entry: dict[str, Any] = {
                 "epoch": epoch + 1,
                 "lr": lr,
                 "train_loss": float(sum(w * h for w, h in zip(weights, head_loss, strict=True))),
                 "train_loss_heads": dict(zip(names, head_loss, strict=True)),
-                "train_acc": float(c.correct) * 100.0 / n_train,
+                "train_acc": float(c.correct) * 100.0 / seen,
                 "penalty": float(c.penalty) / steps_per_epoch if cfg.pool.reg > 0 else None,
                 "epoch_time_s": epoch_time,
-                "images_per_s": n_train / epoch_time,
+                "images_per_s": seen / epoch_time,
             }
+            if not dist.main:
+                history.append(entry)
+                continue  # rank 0 evaluates, logs and checkpoints
             # ---- evaluate
             if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-                entry.update(evaluate(model, test_loader, autocast))
+                entry.update(evaluate(model, test_loader, trainer_step.autocast))
             if bar is not None:
                 bar.set_postfix(loss=f"{entry['train_loss']:.3f}",
                                 acc=f"{entry['train_acc']:.1f}",
@@ -473,7 +592,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any]) -> dict[str, 
         tb.close()
 
     final = history[-1]
-    total_images = n_train * len(history)
+    total_images = sum(h["images_per_s"] * h["epoch_time_s"] for h in history)
     return {
         "test_acc": final.get("test_acc"),
         "test_acc_aux": final.get("test_acc_aux", {}),

@@ -105,3 +105,58 @@ def test_report_needs_no_torch(tmp_path):
             f"assert main(['paths.runs={tmp_path / 'runs'}', 'out_dir={tmp_path / 'o'}']) == 0; "
             "assert 'torch' not in sys.modules and 'hydra' not in sys.modules")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def write_pools_record(runs: Path, pool: str, downsample: str | None, seed: int, acc: float,
+                       params: int, images_per_s: float = 1280.0, dataset: str = "digits",
+                       status: str = "completed") -> Path:
+    d = runs / dataset / pool / "sac_off" / f"seed{seed}-{downsample or 'none'}"
+    d.mkdir(parents=True)
+    model = {"name": "resnet20"} | ({"downsample": downsample} if downsample else {})
+    rec = {"dataset": dataset, "pool": pool, "sac": False, "seed": seed, "epochs": 15,
+           "status": status, "test_acc": acc if status == "completed" else None,
+           "num_params": params, "images_per_s": images_per_s,
+           "config": {"dataset": {"name": dataset}, "pool": {"name": pool}, "model": model,
+                      "trainer": {"epochs": 15, "batch_size": 128}, "seed": seed}}
+    (d / "result.json").write_text(json.dumps(rec))
+    return d
+
+
+def test_table3_related_pools(tmp_path, capsys):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    # no related runs: no table 3
+    write_record(runs, "cifar10", "avg", False, 0, 91.0)
+    assert "table3" not in report(runs, out) and not (out / "table3.md").exists()
+    base = 269_722
+    for seed in range(3):
+        write_pools_record(runs, "avg", None, seed, 96.0 + seed, base)  # an old record: stride
+        write_pools_record(runs, "gfgp", "stride", seed, 97.0, base + 4096, images_per_s=640.0)
+        write_pools_record(runs, "avg", "s3pool", seed, 95.0 + seed / 2, base)
+    write_pools_record(runs, "avg", "gfgp", 0, 0.0, base + 5120, status="failed")
+    tables = report(runs, out)
+    t3 = tables["table3"]
+    assert list(t3.columns) == ["dataset", "sac", "pool", "downsample", "n", "mean", "std",
+                                "min", "max", "params", "extra_params", "step_ms"]
+    assert set(t3.dataset) == {"digits"}  # only datasets with related runs
+    rows = t3.set_index(["pool", "downsample"])
+    assert list(rows.index) == [("avg", "stride"), ("gfgp", "stride"), ("avg", "gfgp"),
+                                ("avg", "s3pool")]
+    avg = rows.loc[("avg", "stride")]
+    assert avg.n == 3 and avg["mean"] == pytest.approx(97.0) and avg["std"] == pytest.approx(1.0)
+    assert avg.extra_params == 0 and avg.step_ms == pytest.approx(100.0)  # 128 / 1280 img/s
+    gfgp = rows.loc[("gfgp", "stride")]
+    assert gfgp.extra_params == 4096 and gfgp.step_ms == pytest.approx(200.0)
+    s3 = rows.loc[("avg", "s3pool")]
+    assert (s3["min"], s3["max"], s3.n) == (95.0, 96.0, 3)
+    assert rows.loc[("avg", "gfgp")].n == 0  # the failed cell is listed, never averaged
+    assert math.isnan(rows.loc[("avg", "gfgp")]["mean"])
+    md = (out / "table3.md").read_text()
+    assert "| Digits | off | GFGP | stride conv | 97.00 ± 0.00 (3) |" in md
+    assert "| Digits | off | AvgPool | S3Pool | 95.50 ± 0.50 (3) | 95.00 | 96.00 | 269,722 | +0 |" \
+        in md
+    assert pd.read_csv(out / "table3.csv").shape == (4, 12)
+    # Tables 1 and 2 keep ResNet20's strided downsampling only: the s3pool runs stay out
+    t1 = tables["table1"].set_index(["dataset", "variant"])
+    assert t1.loc[("digits", "avg")].n == 3 and t1.loc[("digits", "avg")]["mean"] == 97.0
+    assert main([f"paths.runs={runs}", f"out_dir={out}"]) == 0
+    assert "Table 3: related pools" in capsys.readouterr().out

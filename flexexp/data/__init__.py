@@ -1,1 +1,2 @@
-"""Datasets as uint8 tensors (:mod:`.sources`, :mod:`.paper`) and on-device batches (:mod:`.loader`)."""
+"""Datasets as uint8 tensors (:mod:`.sources`, :mod:`.paper`) and on-device batches
+(:mod:`.loader`)."""

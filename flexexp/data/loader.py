@@ -107,6 +107,7 @@ class DeviceLoader:
         rank: int = 0,
         world: int = 1,
         aug_generator: torch.Generator | None = None,
+        drop_last: bool = False,
     ) -> None:
         self.x = x.to(device)
         self.y = y.to(device)
@@ -118,6 +119,7 @@ class DeviceLoader:
         self.aug_generator = aug_generator or generator
         self.memory_format = memory_format
         self.rank, self.world = rank, world
+        self.drop_last = drop_last  # data-parallel: every rank needs a full share
         c = x.shape[1]
         self.mean = torch.tensor(list(mean), device=device).expand(c).reshape(1, c, 1, 1)
         self.std = torch.tensor(list(std), device=device).expand(c).reshape(1, c, 1, 1)
@@ -125,6 +127,8 @@ class DeviceLoader:
             raise ValueError("a training DeviceLoader needs a generator for shuffling")
 
     def __len__(self) -> int:
+        if self.drop_last:
+            return len(self.y) // self.batch_size
         return -(-len(self.y) // self.batch_size)
 
     @property
@@ -137,7 +141,7 @@ class DeviceLoader:
             order = torch.randperm(n, generator=self.generator, device=self.device)
         else:
             order = None
-        for start in range(0, n, self.batch_size):
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
             if order is None:
                 xb = self.x[start : start + self.batch_size]
                 yb = self.y[start : start + self.batch_size]
