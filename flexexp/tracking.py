@@ -24,6 +24,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "git_commit",
+    "process_age",
     "TensorBoardLogger",
 ]
 
@@ -80,6 +81,21 @@ def git_commit(repo: Path | None = None) -> str | None:
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+_IMPORTED_AT = time.time()
+
+
+def process_age() -> float:
+    """Seconds since this process started (Linux: from /proc; elsewhere: since import)."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED_AT
 
 
 class TensorBoardLogger:

@@ -37,6 +37,7 @@ from flexexp.tracking import (
     atomic_write_text,
     git_commit,
     load_checkpoint,
+    process_age,
     read_json,
     save_checkpoint,
     write_json,
@@ -182,6 +183,17 @@ class Counters:
         z = torch.zeros((), device=device)
         return cls(torch.zeros(heads, device=device), z.clone(), z.clone(),
                    torch.full((), -1, device=device, dtype=torch.long), z.clone())
+
+    def update(self, step: int, y: torch.Tensor, loss: torch.Tensor, ce: torch.Tensor,
+               main_logits: torch.Tensor, penalty: torch.Tensor | None) -> None:
+        """Add one step's numbers; device ops only, so the step never waits on the host."""
+        self.seen += y.shape[0]
+        self.loss += ce * y.shape[0]
+        self.correct += (main_logits.argmax(1) == y).sum()
+        if penalty is not None:
+            self.penalty += penalty
+        self.bad_step = torch.where(~torch.isfinite(loss) & (self.bad_step < 0), step,
+                                    self.bad_step)
 
     def all_reduce(self, dist: Dist) -> None:
         """Sum the counters over the ranks of a data-parallel job (bad_step: the max)."""
@@ -427,7 +439,9 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist) -
         device = torch.device("cuda", dist.local_rank)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
-    torch.use_deterministic_algorithms(bool(t.deterministic), warn_only=True)
+    # the call imports torch._inductor (~2 s): make it only when the setting changes
+    if bool(t.deterministic) != torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(bool(t.deterministic), warn_only=True)
     amp_dtype = resolve_precision(t.precision, device)
     if amp_dtype == torch.float16 and device.type == "cpu":
         log.warning("trainer.precision=fp16 on the CPU is very slow (no fast fp16 kernels); "
@@ -506,7 +520,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist) -
     log.info("%s | %s %s sac=%s | %d params | %s x%d | %d train / %d test images | "
              "%d steps/epoch", run_dir, cfg.dataset.name, cfg.pool.name, cfg.sac.name,
              num_params, device, dist.world, n_train, len(arrays.y_test), steps_per_epoch)
-    record["startup_s"] = time.time() - t_start
+    first_step = start_epoch * steps_per_epoch
 
     try:
         for epoch in range(start_epoch, t.epochs):
@@ -518,20 +532,15 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist) -
             for i, (x, y) in enumerate(train_loader):
                 step = epoch * steps_per_epoch + i
                 lr = learning_rate(cfg, step, total_steps)
-                loss, ce, main_logits, penalty = trainer_step.step(x, y, lr)
-                # bookkeeping stays on the device: no host sync inside the step
-                c.seen += y.shape[0]
-                c.loss += ce * y.shape[0]
-                c.correct += (main_logits.argmax(1) == y).sum()
-                if penalty is not None:
-                    c.penalty += penalty
-                c.bad_step = torch.where(~torch.isfinite(loss) & (c.bad_step < 0), step,
-                                         c.bad_step)
+                if step == first_step:
+                    record["startup_s"] = process_age()
+                out = trainer_step.step(x, y, lr)
+                c.update(step, y, *out)
                 if bar is not None:
                     bar.update(1)
                     if i % max(1, steps_per_epoch // 10) == 0 or i == steps_per_epoch - 1:
                         elapsed = max(time.time() - t0, 1e-9)  # .item() below: a sync, 10x/epoch
-                        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}",
+                        bar.set_postfix(loss=f"{out[0].item():.3f}", lr=f"{lr:.2e}",
                                         img_s=f"{(i + 1) * t.batch_size / elapsed:.0f}")
             c.all_reduce(dist)
             if device.type == "cuda":

@@ -43,7 +43,7 @@ CACHE_DIR = "flexexp-cache"
 _SPLITS = ("x_train", "y_train", "x_test", "y_test")
 
 
-def source_key(files: Iterable[Path], base: Path, image_size: int) -> str:
+def source_key(files: Iterable[str | Path], base: Path, image_size: int) -> str:
     """Twelve hex digits naming the state of ``files`` (paths relative to ``base``).
 
     Names, sizes and modification times stand in for the content: hashing 100,000

@@ -36,7 +36,7 @@ import shlex
 import shutil
 import tarfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +80,7 @@ class PaperDataset:
     layout: str  # the expected files, for error messages
     url: str
     fetch: Callable[[str, Path, DatasetConfig], None]
-    sources: Callable[[Path], list[Path]]
+    sources: Callable[[Path], Sequence[str | Path]]
     decode: Callable[[str, Path, DatasetConfig], ImageArrays]
 
 
@@ -120,7 +120,8 @@ def _no_download(name: str, root: Path, exc: BaseException) -> DataError:
     )
 
 
-def _corrupt(name: str, root: Path, path: Path, why: str, checksum: bool = False) -> DataError:
+def _corrupt(name: str, root: Path, path: Path | str, why: str, checksum: bool = False
+             ) -> DataError:
     hint = (" If you made this file yourself (a test fixture, a converted copy), run with "
             "dataset.verify_checksums=false to skip the MD5 checks." if checksum else "")
     return DataError(
@@ -421,8 +422,8 @@ class _TinyIndex:
     """Image files and class indices of both splits (class = position in sorted wnids)."""
 
     wnids: list[str]
-    train: list[tuple[Path, int]]
-    val: list[tuple[Path, int]]
+    train: list[tuple[str, int]]  # plain strings: 110,000 Path objects cost a second a run
+    val: list[tuple[str, int]]
     listings: list[Path]  # wnids.txt and val_annotations.txt
 
 
@@ -438,14 +439,15 @@ def _tiny_index(name: str, root: Path) -> _TinyIndex:
     if not wnids:
         raise _bad_layout(name, root, "wnids.txt lists no class")
     index = {w: i for i, w in enumerate(wnids)}
-    train: list[tuple[Path, int]] = []
+    train: list[tuple[str, int]] = []
     for w in wnids:
-        images = folder / "train" / w / "images"
-        if not images.is_dir():
+        images = os.path.join(folder, "train", w, "images")
+        if not os.path.isdir(images):
             raise _bad_layout(name, root, f"train/{w}/images/ is missing")
         names = sorted(e.name for e in os.scandir(images) if e.name.endswith(".JPEG"))
-        train += [(images / n, index[w]) for n in names]
-    val: list[tuple[Path, int]] = []
+        train += [(os.path.join(images, n), index[w]) for n in names]
+    val_images = os.path.join(folder, "val", "images")
+    val: list[tuple[str, int]] = []
     for n, line in enumerate(ann_file.read_text().splitlines(), 1):
         if not line.strip():
             continue
@@ -453,20 +455,20 @@ def _tiny_index(name: str, root: Path) -> _TinyIndex:
         if len(fields) < 2 or fields[1] not in index:
             raise _corrupt(name, root, ann_file, f"line {n} is not 'filename<TAB>wnid<TAB>"
                            f"bbox' with a wnid from wnids.txt: {line[:80]!r}")
-        val.append((folder / "val" / "images" / fields[0], index[fields[1]]))
+        val.append((os.path.join(val_images, fields[0]), index[fields[1]]))
     if not train or not val:
         raise _bad_layout(name, root, f"no {'train' if not train else 'val'} images")
     return _TinyIndex(wnids, train, val, [wnids_file, ann_file])
 
 
-def _tiny_sources(root: Path) -> list[Path]:
+def _tiny_sources(root: Path) -> list[str | Path]:
     idx = _tiny_index("tiny_imagenet", root)
     return idx.listings + [p for p, _ in idx.train] + [p for p, _ in idx.val]
 
 
-def _read_jpeg(name: str, root: Path, path: Path) -> Tensor:
+def _read_jpeg(name: str, root: Path, path: str) -> Tensor:
     """One image as uint8 (3, H, W); grey JPEGs (Tiny ImageNet has some) become RGB."""
-    if not path.is_file():
+    if not os.path.isfile(path):
         raise _bad_layout(name, root, f"{path} is listed but missing")
     try:
         with Image.open(path) as img:  # PIL: torchvision.io's decoders are deprecated
@@ -476,7 +478,7 @@ def _read_jpeg(name: str, root: Path, path: Path) -> Tensor:
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
-def _decode_images(name: str, root: Path, paths: list[Path], size: int) -> Tensor:
+def _decode_images(name: str, root: Path, paths: list[str], size: int) -> Tensor:
     """Decode ``paths`` into uint8 ``(N, 3, size, size)``, a chunk at a time."""
     out = torch.empty(len(paths), 3, size, size, dtype=torch.uint8)
     for start in range(0, len(paths), _RESIZE_CHUNK):
