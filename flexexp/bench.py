@@ -1,0 +1,352 @@
+"""Training throughput against the compute bound and the authors' reference loop.
+
+    python -m flexexp.bench [--rounds 3] [--steps 1] [overrides as for flexexp.train]
+
+Measures, in one process and alternating between them round by round (so machine noise
+hits all alike), images per second of:
+
+1. ``compute_bound``: forward, backward and optimiser step on one batch already on the
+   device (the limit for this model, precision and memory format);
+2. ``harness``: the trainer's own path: on-device sampling and batched augmentation,
+   the learning-rate function, :class:`~flexexp.trainer.TrainStep` and the counters;
+3. ``reference``: the loop the paper's authors published: a dataset of PIL images with
+   per-image RandomHorizontalFlip and RandomAffine scaling, ToTensor, Normalize, a
+   DataLoader with worker processes, fp32 NCHW;
+
+plus the step time of each pooling variant and of SAC relative to avg pooling, the
+start-up time of ``python -m flexexp.train`` to its first training step, and peak
+memory. The last line printed is one JSON object with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from flexexp.config import CONF_DIR, check_overrides, register_configs, validate
+from flexexp.data.loader import Augment, DeviceLoader, normalize
+from flexexp.data.sources import load_arrays
+from flexexp.errors import FlexexpError
+from flexexp.trainer import (
+    Counters,
+    TrainStep,
+    build_model,
+    learning_rate,
+    resolve_device,
+    resolve_precision,
+)
+
+VARIANTS = {  # name -> overrides on top of the benchmarked config
+    "avg": ["pool=avg", "sac=off"],
+    "flex": ["pool=flex", "sac=off"],
+    "flex_reg": ["pool=flex_reg", "sac=off"],
+    "flex_reg_dropout": ["pool=flex_reg_dropout", "sac=off"],
+    "flex_softmax": ["pool=flex_softmax", "sac=off"],
+    "avg+sac": ["pool=avg", "sac=on"],
+    "flex_reg_dropout+sac": ["pool=flex_reg_dropout", "sac=on"],
+}
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose("config", overrides=overrides)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Mode:
+    """Something that trains ``n`` steps when called; timed in blocks between syncs."""
+
+    def __init__(self, name: str, run: Callable[[int], None], images_per_step: int) -> None:
+        self.name, self.run, self.images_per_step = name, run, images_per_step
+        self.step_times: list[float] = []
+
+    def time(self, steps: int, device: torch.device) -> None:
+        _sync(device)
+        t0 = time.perf_counter()
+        self.run(steps)
+        _sync(device)
+        self.step_times.append((time.perf_counter() - t0) / steps)
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.step_times)
+
+    @property
+    def img_s(self) -> float:
+        return self.images_per_step / self.step_s
+
+
+def _fixed_batch_mode(name: str, cfg: DictConfig, x: torch.Tensor, y: torch.Tensor,
+                      device: torch.device) -> Mode:
+    """Train steps on one batch already on the device: the compute bound."""
+    amp = resolve_precision(cfg.trainer.precision, device)
+    fmt = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device, memory_format=fmt).train()
+    step = TrainStep(cfg, model, device, amp)
+    xb = x.contiguous(memory_format=fmt)
+    lr = float(cfg.optim.lr) / 25  # any constant: the cost does not depend on it
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            step.step(xb, y, lr)
+
+    return Mode(name, run, len(y))
+
+
+def _harness_mode(cfg: DictConfig, arrays, device: torch.device) -> Mode:
+    """The trainer's own path: DeviceLoader -> learning_rate -> TrainStep -> Counters."""
+    t, d = cfg.trainer, cfg.dataset
+    amp = resolve_precision(t.precision, device)
+    fmt = torch.channels_last if t.channels_last else torch.contiguous_format
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device, memory_format=fmt).train()
+    step = TrainStep(cfg, model, device, amp)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed)
+    aug = Augment(flip=d.flip, scale=(d.scale[0], d.scale[1]), translate=d.translate)
+    loader = DeviceLoader(arrays.x_train, arrays.y_train, t.batch_size, d.mean, d.std, device,
+                          train=True, aug=aug, generator=gen, memory_format=fmt)
+    total = len(loader) * t.epochs
+    counters = Counters.zeros(len(model.heads), device)
+    state = {"step": 0, "it": iter(())}
+
+    def batches() -> Iterator:
+        while True:
+            yield from loader
+
+    state["it"] = batches()
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            x, y = next(state["it"])
+            i = state["step"]
+            counters.update(i, y, *step.step(x, y, learning_rate(cfg, i % total, total)))
+            state["step"] += 1
+
+    return Mode("harness", run, t.batch_size)
+
+
+def _reference_mode(cfg: DictConfig, arrays, device: torch.device, workers: int) -> Mode:
+    """The authors' loop: PIL images, per-image torchvision transforms, DataLoader, fp32 NCHW."""
+    from PIL import Image
+    from torch.utils.data import DataLoader, Dataset
+    from torchvision import transforms as T
+
+    d = cfg.dataset
+    steps = [T.RandomHorizontalFlip()] if d.flip else []
+    if tuple(d.scale) != (1.0, 1.0) or d.translate:
+        shift = d.translate / d.image_size
+        steps.append(T.RandomAffine(0, translate=(shift, shift) if shift else None,
+                                    scale=tuple(d.scale)))
+    c = d.in_channels
+    transform = T.Compose([*steps, T.ToTensor(),
+                           T.Normalize(list(d.mean) * (c // len(d.mean)),
+                                       list(d.std) * (c // len(d.std)))])
+
+    class PILImages(Dataset):
+        def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+            arr = x.permute(0, 2, 3, 1).numpy()
+            self.images = [Image.fromarray(a[..., 0] if c == 1 else a) for a in arr]
+            self.labels = y.tolist()
+
+        def __len__(self) -> int:
+            return len(self.images)
+
+        def __getitem__(self, i: int):
+            return transform(self.images[i]), self.labels[i]
+
+    loader = DataLoader(PILImages(arrays.x_train, arrays.y_train), batch_size=cfg.trainer.batch_size,
+                        shuffle=True, num_workers=workers, drop_last=True,
+                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    ref_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "fp32", "channels_last": False,
+                                                "compile": False}})
+    torch.manual_seed(cfg.seed)
+    model = build_model(ref_cfg).to(device).train()
+    step = TrainStep(ref_cfg, model, device, None)
+
+    def batches() -> Iterator:
+        while True:
+            yield from loader
+
+    it = batches()
+
+    def run(n: int) -> None:
+        for _ in range(n):
+            x, y = next(it)
+            step.step(x.to(device, non_blocking=True), y.to(device, non_blocking=True), 1e-3)
+
+    return Mode("reference", run, cfg.trainer.batch_size)
+
+
+def measure_startup(overrides: list[str], batch_size: int) -> float | None:
+    """``python -m flexexp.train`` with these overrides, one step: seconds to its first step."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "flexexp.train", *overrides, "trainer.epochs=1",
+               f"dataset.train_size={batch_size}", "trainer.progress=false",
+               f"paths.runs={tmp}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        results = list(Path(tmp).rglob("result.json"))
+        if proc.returncode != 0 or not results:
+            print(f"warning: start-up probe failed:\n{proc.stderr[-1500:]}", file=sys.stderr)
+            return None
+        return json.loads(results[0].read_text()).get("startup_s")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: kB
+
+
+def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup: int,
+          workers: int, variants: list[str], startup: bool) -> dict:
+    validate(cfg)
+    device = resolve_device(cfg.trainer.device)
+    if cfg.trainer.threads > 0:
+        torch.set_num_threads(cfg.trainer.threads)
+    arrays = load_arrays(OmegaConf.to_object(cfg.dataset))
+    bs = cfg.trainer.batch_size
+    if bs > len(arrays.y_train):
+        raise FlexexpError(f"trainer.batch_size={bs} is larger than the dataset's "
+                           f"{len(arrays.y_train)} training images; raise dataset.train_size.")
+    d = cfg.dataset
+    x_dev = arrays.x_train[:bs].to(device)
+    mean = torch.tensor(list(d.mean), device=device).expand(d.in_channels).reshape(1, -1, 1, 1)
+    std = torch.tensor(list(d.std), device=device).expand(d.in_channels).reshape(1, -1, 1, 1)
+    x = normalize(x_dev, mean, std)
+    y = arrays.y_train[:bs].to(device)
+
+    modes = [_fixed_batch_mode("compute_bound", cfg, x, y, device),
+             _harness_mode(cfg, arrays, device),
+             _reference_mode(cfg, arrays, device, workers)]
+    for name in variants:
+        vcfg = compose_config([*overrides, *VARIANTS[name]])
+        modes.append(_fixed_batch_mode(f"variant:{name}", vcfg, x, y, device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    print(f"benchmark: {cfg.dataset.name} {d.image_size}x{d.image_size}, batch {bs}, "
+          f"{device}, precision {cfg.trainer.precision}, channels_last "
+          f"{cfg.trainer.channels_last}, compile {cfg.trainer.compile}; "
+          f"{rounds} rounds x {steps} step(s) per mode after {warmup} warm-up step(s)",
+          file=sys.stderr)
+    for mode in modes:  # warm-up: allocator, kernels, worker start, compile
+        mode.run(warmup)
+    _sync(device)
+    for r in range(rounds):
+        for mode in modes:
+            mode.time(steps, device)
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{m.name} {m.images_per_step / m.step_times[-1]:.0f}" for m in modes[:3]),
+            file=sys.stderr)
+
+    by = {m.name: m for m in modes}
+    base = by.get("variant:avg")
+    out = {
+        "device": str(device),
+        "precision": cfg.trainer.precision,
+        "channels_last": bool(cfg.trainer.channels_last),
+        "compile": bool(cfg.trainer.compile),
+        "batch_size": bs,
+        "image_size": d.image_size,
+        "harness_img_s": by["harness"].img_s,
+        "compute_bound_img_s": by["compute_bound"].img_s,
+        "reference_img_s": by["reference"].img_s,
+        "harness_over_compute": by["harness"].img_s / by["compute_bound"].img_s,
+        "harness_over_reference": by["harness"].img_s / by["reference"].img_s,
+        "variant_step_s": {n[8:]: m.step_s for n, m in by.items() if n.startswith("variant:")},
+    }
+    if base is not None:
+        rel = {n: s / base.step_s - 1 for n, s in out["variant_step_s"].items()}
+        out["variant_overhead"] = rel
+        flex = [v for n, v in rel.items() if n.startswith("flex") and "+sac" not in n]
+        out["flex_overhead"] = max(flex) if flex else None
+        sac = []
+        if "avg+sac" in rel:
+            sac.append(rel["avg+sac"])
+        if "flex_reg_dropout+sac" in rel and "flex_reg_dropout" in rel:
+            sac.append((1 + rel["flex_reg_dropout+sac"]) / (1 + rel["flex_reg_dropout"]) - 1)
+        out["sac_overhead"] = max(sac) if sac else None
+    out["startup_s"] = measure_startup(overrides, bs) if startup else None
+    out["peak_rss_mb"] = peak_rss_mb()
+    if device.type == "cuda":
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def format_table(r: dict) -> str:
+    rows = [("compute_bound", r["compute_bound_img_s"], 1.0),
+            ("harness", r["harness_img_s"], r["harness_over_compute"]),
+            ("reference", r["reference_img_s"], r["reference_img_s"] / r["compute_bound_img_s"])]
+    lines = [f"{'path':<24}{'images/s':>12}{'of compute bound':>20}"]
+    lines += [f"{n:<24}{v:>12.0f}{f:>19.1%}" for n, v, f in rows]
+    lines += ["", f"harness / compute_bound = {r['harness_over_compute']:.3f}",
+              f"harness / reference     = {r['harness_over_reference']:.3f}"]
+    if r.get("variant_overhead"):
+        lines += ["", f"{'variant':<24}{'step s':>12}{'vs avg':>20}"]
+        for n, s in r["variant_step_s"].items():
+            lines.append(f"{n:<24}{s:>12.3f}{r['variant_overhead'][n]:>+19.1%}")
+        lines.append(f"flex_overhead (worst FlexPool variant) = {r['flex_overhead']:+.1%}")
+        if r.get("sac_overhead") is not None:
+            lines.append("sac_overhead (worst of avg, flex_reg_dropout) = "
+                         f"{r['sac_overhead']:+.1%}")
+    startup = r.get("startup_s")
+    lines += ["", f"start-up to first step: {startup:.2f} s" if startup is not None
+              else "start-up to first step: not measured",
+              f"peak RSS: {r['peak_rss_mb']:.0f} MB"
+              + (f", peak GPU memory: {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else "")]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m flexexp.bench",
+                                 description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per mode per round")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
+    ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                    help="DataLoader workers of the reference loop")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated subset of {','.join(VARIANTS)} ('' for none)")
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up probe")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for flexexp.train")
+    args = ap.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    try:
+        if unknown:
+            raise FlexexpError(f"unknown --variants {unknown}; valid: {', '.join(VARIANTS)}")
+        if min(args.rounds, args.steps) < 1 or args.warmup < 0:
+            raise FlexexpError("--rounds and --steps must be >= 1 and --warmup >= 0")
+        check_overrides(args.overrides)
+        cfg = compose_config(args.overrides)
+        result = bench(cfg, args.overrides, args.rounds, args.steps, args.warmup, args.workers,
+                       variants, not args.no_startup)
+    except FlexexpError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
