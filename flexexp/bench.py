@@ -174,9 +174,10 @@ def _reference_mode(cfg: DictConfig, arrays, device: torch.device, workers: int)
         def __getitem__(self, i: int):
             return transform(self.images[i]), self.labels[i]
 
-    loader = DataLoader(PILImages(arrays.x_train, arrays.y_train), batch_size=cfg.trainer.batch_size,
-                        shuffle=True, num_workers=workers, drop_last=True,
-                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    images = PILImages(arrays.x_train, arrays.y_train)
+    loader = DataLoader(images, batch_size=cfg.trainer.batch_size, shuffle=True,
+                        num_workers=workers, drop_last=True, persistent_workers=workers > 0,
+                        pin_memory=device.type == "cuda")
     ref_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "fp32", "channels_last": False,
                                                 "compile": False}})
     torch.manual_seed(cfg.seed)
