@@ -63,9 +63,11 @@ def test_cli_one_epoch_writes_complete_record_and_tensorboard(tmp_path):
 
 
 def test_top5_for_many_classes(tmp_path):
-    cfg = make_cfg([*TINY, "dataset.num_classes=20"])
+    cfg = make_cfg([*TINY, "dataset.num_classes=20", "sac=on"])
     rec = trainer.run(cfg, tmp_path / "run")
     assert 0 <= rec["test_acc"] <= rec["test_top5"] <= 100
+    for head in ("stage1", "stage2"):
+        assert rec["test_acc_aux"][head] <= rec["test_top5_aux"][head] <= 100
 
 
 def test_same_seed_gives_identical_results(tmp_path):
