@@ -88,7 +88,7 @@ def test_grid_then_report_matches_the_run_records(tmp_path):
 @pytest.mark.slow
 def test_killed_cell_resumes_alone(tmp_path):
     runs = tmp_path / "runs"
-    long = [*TINY, "trainer.epochs=40", "dataset.train_size=512", f"paths.runs={runs}"]
+    long = [*TINY, "trainer.epochs=10", "dataset.train_size=512", f"paths.runs={runs}"]
     # two cells done, then one long cell killed after its first checkpoint
     done = run_cli(["-m", *TINY, "pool=avg,flex", f"paths.runs={runs}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
