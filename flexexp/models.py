@@ -41,12 +41,16 @@ DOWNSAMPLE_OPTIONS = ("stride", *LOCAL_POOLS)
 
 
 class ShortcutA(nn.Module):
-    """Option-A shortcut: ``(B, C_in, H, W) -> (B, C_out, H/s, W/s)`` without parameters."""
+    """Option-A shortcut: ``(B, C_in, H, W) -> (B, C_out, H/s, W/s)`` without parameters.
+
+    The input's channels land at ``[offset, offset + C_in)`` of the output.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         self.stride = stride
         self.pad = out_channels - in_channels
+        self.offset = self.pad // 2
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stride > 1:
@@ -62,7 +66,7 @@ class BasicBlock(nn.Module):
 
     With ``stride=2`` and ``downsample`` a local pool name, the block computes
     ``conv1 (stride 1) -> pool -> BN -> ReLU -> conv2 -> BN`` and adds
-    ``pool(pad_channels(x))``, both pooled in one :meth:`LocalPool.pool_pair` call.
+    ``pad_channels(pool(x))``, both pooled in one :meth:`LocalPool.pool_pair` call.
     Shapes: ``(B, C_in, H, W) -> (B, C_out, ceil(H/s), ceil(W/s))`` for either form.
     """
 
@@ -94,7 +98,7 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         if stride != 1 or in_channels != out_channels:
-            # with a pool the shortcut only pads channels; the pool then downsamples it
+            # with a pool the shortcut only pads channels, after the pool downsampled x
             self.shortcut: nn.Module = ShortcutA(in_channels, out_channels, conv_stride)
         else:
             self.shortcut = nn.Identity()
@@ -103,7 +107,10 @@ class BasicBlock(nn.Module):
         if self.pool is None:
             out, skip = self.conv1(x), self.shortcut(x)
         else:
-            out, skip = self.pool.pool_pair(self.conv1(x), self.shortcut(x))
+            # pool the identity before padding it: half the channels, no zeros to pool
+            offset = getattr(self.shortcut, "offset", 0)
+            out, skip = self.pool.pool_pair(self.conv1(x), x, offset)
+            skip = self.shortcut(skip)
         out = F.relu(self.bn1(out))
         out = self.bn2(self.conv2(out))
         return F.relu(out + skip)

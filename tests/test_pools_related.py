@@ -25,6 +25,7 @@ from flexexp.pooling import (
     s3pool_eval,
     s3pool_indices,
     s3pool_sample,
+    s3pool_train,
 )
 
 SIZES = [(2, 3, 8, 8), (2, 4, 4, 4), (3, 2, 7, 5), (1, 3, 1, 3)]
@@ -85,6 +86,34 @@ def test_gfgp_matches_its_formula_with_the_learnt_lambda():
     lam = glob.guide(x)
     flat = x.flatten(2)
     torch.testing.assert_close(glob(x), (flat * torch.softmax(lam[..., None] * flat, -1)).sum(-1))
+
+
+def windowed_gfgp(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Reference: a softmax over each unfolded 2x2 window (padding masked to -inf)."""
+    b, c, h, w = x.shape
+    ph, pw = h % 2, w % 2
+    xp = F.pad(x, (0, pw, 0, ph))
+    pad = torch.zeros(h + ph, w + pw, dtype=torch.bool)
+    pad[h:], pad[:, w:] = True, True
+    ho, wo = (h + ph) // 2, (w + pw) // 2
+    win = xp.reshape(b, c, ho, 2, wo, 2).permute(0, 1, 2, 4, 3, 5).reshape(b, c, ho, wo, 4)
+    mask = pad.reshape(ho, 2, wo, 2).permute(0, 2, 1, 3).reshape(ho, wo, 4)
+    logits = (lam[:, :, None, None, None] * win).masked_fill(mask, float("-inf"))
+    return (torch.softmax(logits, -1) * win).sum(-1)
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_gfgp_local_values_and_gradients_match_the_windowed_softmax(shape):
+    torch.manual_seed(5)
+    x = (torch.randn(*shape) * 2).requires_grad_()
+    lam = (torch.rand(shape[:2]) * 3).requires_grad_()
+    y, ref = gfgp_local_pool(x, lam), windowed_gfgp(x, lam)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    dx, dlam = torch.autograd.grad(y, (x, lam), g)
+    rx, rlam = torch.autograd.grad(ref, (x, lam), g)
+    torch.testing.assert_close(dx, rx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dlam, rlam, atol=1e-5, rtol=1e-5)
 
 
 def test_gfgp_guide_sizes_and_range():
@@ -188,6 +217,18 @@ def test_s3pool_keeps_half_of_each_grid_cell(size, grid):
         assert (inside == quota).all()
     if grid > 1:
         assert len({tuple(r) for r in rows.tolist()}) > 1  # the draws vary across samples
+
+
+@pytest.mark.parametrize("shape", SIZES)
+def test_s3pool_train_is_max2x2_stride1_then_sampling(shape):
+    torch.manual_seed(10)
+    x = torch.randn(*shape, requires_grad=True)
+    rows = s3pool_indices(shape[0], shape[2], 2)
+    cols = s3pool_indices(shape[0], shape[3], 3)
+    y, ref = s3pool_train(x, rows, cols), s3pool_sample(max2x2_stride1(x), rows, cols)
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
 
 
 def test_s3pool_sample_gathers_rows_and_columns():
