@@ -155,7 +155,8 @@ def evaluate(
             correct[0, h] += (out.argmax(1) == y).sum()
             if k5:
                 correct[1, h] += (out.topk(5, dim=1).indices == y[:, None]).any(1).sum()
-    acc = (correct * (100.0 / loader.num_images)).tolist()  # one host sync per evaluation
+    n = loader.num_images  # counts are exact integers: divide in float64 on the host
+    acc = [[100.0 * c / n for c in row] for row in correct.tolist()]  # one host sync
     out: dict[str, Any] = {
         "test_acc": acc[0][-1],
         "test_acc_aux": dict(zip(names[:-1], acc[0][:-1], strict=True)),
