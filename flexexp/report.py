@@ -211,7 +211,7 @@ def significance(runs: pd.DataFrame, sac: bool) -> pd.DataFrame:
                 sd = diff.std(ddof=1)
                 half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
                 row["ci95_low"], row["ci95_high"] = diff.mean() - half, diff.mean() + half
-                if sd > 1e-4:  # equal differences (in %): the t statistic is undefined, p stays blank
+                if sd > 1e-4:  # equal differences (in %): no t statistic, p stays blank
                     row["p_value"] = float(stats.ttest_rel(other.loc[seeds], base.loc[seeds])
                                            .pvalue)
             rows.append(row)
