@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flexexp.config import CONF_DIR, check_overrides, register_configs, validate
+from flexexp.config import check_overrides, compose_config, validate
 from flexexp.data.loader import Augment, DeviceLoader, normalize
 from flexexp.data.sources import load_arrays
 from flexexp.errors import FlexexpError
@@ -57,14 +57,6 @@ VARIANTS = {  # name -> overrides on top of the benchmarked config
     "avg+sac": ["pool=avg", "sac=on"],
     "flex_reg_dropout+sac": ["pool=flex_reg_dropout", "sac=on"],
 }
-
-
-def compose_config(overrides: list[str]) -> DictConfig:
-    from hydra import compose, initialize_config_dir
-
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose("config", overrides=overrides)
 
 
 def _sync(device: torch.device) -> None:

@@ -121,6 +121,19 @@ class Config:
     seed: int = 0
 
 
+def compose_config(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
+    """The real composed config (conf/config.yaml) with ``overrides``, outside a Hydra run.
+
+    With ``return_hydra_config`` the ``hydra`` node (sweeper params, mode) is included.
+    """
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        return compose("config", overrides=list(overrides),
+                       return_hydra_config=return_hydra_config)
+
+
 def register_configs() -> None:
     """Store the schema as ``flexexp_schema`` (named first in conf/config.yaml's defaults)."""
     from hydra.core.config_store import ConfigStore

@@ -8,10 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from flexexp.config import CONF_DIR, register_configs
+from flexexp.config import compose_config
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -29,11 +28,10 @@ TINY = [
 ]
 
 
-def make_cfg(overrides: list[str] | None = None) -> DictConfig:
+def make_cfg(overrides: list[str] | None = None, return_hydra_config: bool = False
+             ) -> DictConfig:
     """The real composed config (conf/config.yaml) with ``overrides`` applied."""
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        return compose("config", overrides=list(overrides or []))
+    return compose_config(list(overrides or []), return_hydra_config)
 
 
 def run_cli(args: list[str], cwd: Path, module: str = "flexexp.train",

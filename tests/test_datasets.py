@@ -24,10 +24,9 @@ import numpy as np
 import pytest
 import torch
 from datafiles import TINY_COLOURS, WRITERS, write_cifar10, write_fashion_mnist
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from flexexp.config import CONF_DIR, DatasetConfig, register_configs
+from flexexp.config import DatasetConfig, compose_config, register_configs
 from flexexp.data import cache, paper
 from flexexp.data.__main__ import main as data_main
 from flexexp.data.sources import load_arrays
@@ -41,12 +40,9 @@ FETCH = "python -m flexexp.data download dataset={name} dataset.root={root}"
 def spec_for(name: str, root: Path, *overrides: str, verify: bool = False,
              download: bool = False) -> DatasetConfig:
     """The real config's ``dataset`` section for ``dataset=name`` under ``root``."""
-    register_configs()
     over = [f"dataset={name}", f"dataset.root={root}", f"dataset.download={str(download).lower()}",
             f"dataset.verify_checksums={str(verify).lower()}", *overrides]
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=over)
-    return OmegaConf.to_object(cfg.dataset)
+    return OmegaConf.to_object(compose_config(over).dataset)
 
 
 def cache_files(root: Path) -> list[Path]:
@@ -131,8 +127,7 @@ def test_root_defaults_to_env_var(monkeypatch, tmp_path):
             monkeypatch.delenv("FLEXEXP_DATA", raising=False)
         else:
             monkeypatch.setenv("FLEXEXP_DATA", env)
-        with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-            cfg = compose("config", overrides=["dataset=cifar10"])
+        cfg = compose_config(["dataset=cifar10"])
         assert cfg.dataset.root == want and cfg.dataset.download is True
         assert cfg.dataset.verify_checksums is True
 

@@ -381,13 +381,7 @@ def test_validation_of_the_downsample_keys(override, match):
     ("pools_local", "avg", "stride,max,avg,gfgp,s3pool"),
 ])
 def test_pools_presets_define_the_grids(name, pool, downsample):
-    from hydra import compose, initialize_config_dir
-
-    from flexexp.config import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    cfg = make_cfg([f"experiment={name}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert params.pool == pool and params["model.downsample"] == downsample

@@ -160,13 +160,9 @@ def test_launchers_complete_a_two_cell_sweep(tmp_path, launcher):
     ("demo", None, "off,on"),
 ])
 def test_experiment_presets_define_the_grids(name, datasets, sac):
-    from hydra import compose, initialize_config_dir
+    from conftest import make_cfg
 
-    from flexexp.config import CONF_DIR, register_configs
-
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    cfg = make_cfg([f"experiment={name}"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     assert params.get("dataset") == datasets

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from omegaconf import OmegaConf
 
-from flexexp.config import CONF_DIR, DatasetConfig, check_overrides, register_configs
+from flexexp.config import DatasetConfig, check_overrides, compose_config, register_configs
 from flexexp.errors import ConfigError, FlexexpError
 
 USAGE = """\
@@ -33,12 +33,8 @@ usage: python -m flexexp.data download dataset=NAME[,NAME...|all] [dataset.root=
 
 def compose_spec(name: str, overrides: list[str]) -> DatasetConfig:
     """The ``dataset`` section of the real config for ``dataset=name`` plus ``overrides``."""
-    from hydra import compose, initialize_config_dir
-
     check_overrides([f"dataset={name}", *overrides])
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
-        cfg = compose("config", overrides=[f"dataset={name}", *overrides])
-    return OmegaConf.to_object(cfg.dataset)
+    return OmegaConf.to_object(compose_config([f"dataset={name}", *overrides]).dataset)
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
