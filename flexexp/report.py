@@ -68,14 +68,10 @@ DEFAULT_PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
 
 def _config_key(rec: dict[str, Any]) -> str:
     """Hash of the run's config without the seed: runs with equal keys may be averaged."""
-    cfg = json.loads(json.dumps(rec.get("config") or {}))
+    from flexexp.config import cell_config  # omegaconf only: no torch, no Hydra runtime
+
+    cfg = cell_config(rec.get("config") or {})  # the run's identity, as its run dir uses
     cfg.pop("seed", None)
-    for volatile in ("paths", "hydra"):
-        cfg.pop(volatile, None)
-    for section, keys in (("trainer", ("device", "threads", "progress")),
-                          ("dataset", ("root", "download", "verify_checksums"))):
-        for k in keys:
-            cfg.get(section, {}).pop(k, None)
     if not cfg:  # no config in the record: fall back to what the record says
         cfg = {k: rec.get(k) for k in ("dataset", "pool", "sac", "epochs")}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
