@@ -1,6 +1,6 @@
 """Training throughput against the compute bound and the authors' reference loop.
 
-    python -m flexexp.bench [--rounds 3] [--steps 1] [overrides as for flexexp.train]
+    python -m flexexp.bench [--rounds 5] [--steps 1] [overrides as for flexexp.train]
 
 Measures, in one process and alternating between them round by round (so machine noise
 hits all alike), images per second of:
@@ -39,6 +39,7 @@ from flexexp.config import check_overrides, compose_config, validate
 from flexexp.data.loader import Augment, DeviceLoader, normalize
 from flexexp.data.sources import load_arrays
 from flexexp.errors import FlexexpError
+from flexexp.runtime import heap_kept, keep_heap
 from flexexp.trainer import (
     Counters,
     TrainStep,
@@ -80,11 +81,24 @@ class Mode:
 
     @property
     def step_s(self) -> float:
-        return statistics.median(self.step_times)
+        """Mean step time: a throughput is images over the total time, slow steps included."""
+        return statistics.fmean(self.step_times)
 
     @property
     def img_s(self) -> float:
         return self.images_per_step / self.step_s
+
+
+def paired_ratio(a: Mode, b: Mode) -> float:
+    """Step time of ``a`` over that of ``b``: the median over rounds of the per-round ratio.
+
+    For the cost of one model variant over another (a fixed computation, the same in
+    every step): both ran in every round, one right after the other, so a round's ratio
+    compares them under the same machine conditions, and the median drops rounds that a
+    burst of outside load hit unevenly. Throughputs, whose pipelines have costs that
+    recur only now and then (an epoch's first batches), use total times instead.
+    """
+    return statistics.median(ta / tb for ta, tb in zip(a.step_times, b.step_times, strict=True))
 
 
 def _fixed_batch_mode(name: str, cfg: DictConfig, x: torch.Tensor, y: torch.Tensor,
@@ -116,7 +130,8 @@ def _harness_mode(cfg: DictConfig, arrays, device: torch.device) -> Mode:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     aug = Augment(flip=d.flip, scale=(d.scale[0], d.scale[1]), translate=d.translate)
     loader = DeviceLoader(arrays.x_train, arrays.y_train, t.batch_size, d.mean, d.std, device,
-                          train=True, aug=aug, generator=gen, memory_format=fmt)
+                          train=True, aug=aug, generator=gen, memory_format=fmt,
+                          prefetch=device.type == "cpu")  # as the trainer builds it
     total = len(loader) * t.epochs
     counters = Counters.zeros(len(model.heads), device)
     state = {"step": 0, "it": iter(())}
@@ -190,18 +205,27 @@ def _reference_mode(cfg: DictConfig, arrays, device: torch.device, workers: int)
     return Mode("reference", run, cfg.trainer.batch_size)
 
 
-def measure_startup(overrides: list[str], batch_size: int) -> float | None:
-    """``python -m flexexp.train`` with these overrides, one step: seconds to its first step."""
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "flexexp.train", *overrides, "trainer.epochs=1",
-               f"dataset.train_size={batch_size}", "trainer.progress=false",
-               f"paths.runs={tmp}"]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        results = list(Path(tmp).rglob("result.json"))
-        if proc.returncode != 0 or not results:
-            print(f"warning: start-up probe failed:\n{proc.stderr[-1500:]}", file=sys.stderr)
-            return None
-        return json.loads(results[0].read_text()).get("startup_s")
+def measure_startup(overrides: list[str], batch_size: int, probes: int = 3) -> list[float]:
+    """Run ``python -m flexexp.train`` (one step) ``probes`` times: seconds to its first step.
+
+    Each probe is a fresh process, so the interpreter, imports, config, data (from the
+    warm cache) and model are all in the time. Returns one number per successful probe.
+    """
+    times = []
+    for _ in range(probes):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-m", "flexexp.train", *overrides, "trainer.epochs=1",
+                   f"dataset.train_size={batch_size}", "trainer.progress=false",
+                   f"paths.runs={tmp}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            results = list(Path(tmp).rglob("result.json"))
+            if proc.returncode != 0 or not results:
+                print(f"warning: start-up probe failed:\n{proc.stderr[-1500:]}", file=sys.stderr)
+                continue
+            value = json.loads(results[0].read_text()).get("startup_s")
+            if value is not None:
+                times.append(float(value))
+    return times
 
 
 def peak_rss_mb() -> float:
@@ -209,11 +233,13 @@ def peak_rss_mb() -> float:
 
 
 def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup: int,
-          workers: int, variants: list[str], startup: bool) -> dict:
+          workers: int, variants: list[str], startup_probes: int) -> dict:
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.threads > 0:
         torch.set_num_threads(cfg.trainer.threads)
+    if cfg.trainer.keep_heap and device.type == "cpu":
+        keep_heap()  # as the trainer does; it applies to all three paths alike
     arrays = load_arrays(OmegaConf.to_object(cfg.dataset))
     bs = cfg.trainer.batch_size
     if bs > len(arrays.y_train):
@@ -244,40 +270,51 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
         mode.run(warmup)
     _sync(device)
     for r in range(rounds):
-        for mode in modes:
+        # every other round in reverse order, so a slow drift of the machine's speed
+        # hits the modes alike instead of always the last ones
+        for mode in modes if r % 2 == 0 else modes[::-1]:
             mode.time(steps, device)
         print(f"  round {r + 1}/{rounds}: " + ", ".join(
             f"{m.name} {m.images_per_step / m.step_times[-1]:.0f}" for m in modes[:3]),
             file=sys.stderr)
 
     by = {m.name: m for m in modes}
-    base = by.get("variant:avg")
     out = {
         "device": str(device),
         "precision": cfg.trainer.precision,
         "channels_last": bool(cfg.trainer.channels_last),
         "compile": bool(cfg.trainer.compile),
+        "keep_heap": heap_kept(),
+        "threads": torch.get_num_threads(),
         "batch_size": bs,
         "image_size": d.image_size,
+        "rounds": rounds,
+        "steps": steps,
         "harness_img_s": by["harness"].img_s,
         "compute_bound_img_s": by["compute_bound"].img_s,
         "reference_img_s": by["reference"].img_s,
-        "harness_over_compute": by["harness"].img_s / by["compute_bound"].img_s,
-        "harness_over_reference": by["harness"].img_s / by["reference"].img_s,
+        # throughputs over the same rounds: ratios of the modes' total (mean) step times
+        "harness_over_compute": by["compute_bound"].step_s / by["harness"].step_s,
+        "harness_over_reference": by["reference"].step_s / by["harness"].step_s,
         "variant_step_s": {n[8:]: m.step_s for n, m in by.items() if n.startswith("variant:")},
     }
+    base = by.get("variant:avg")
     if base is not None:
-        rel = {n: s / base.step_s - 1 for n, s in out["variant_step_s"].items()}
+        rel = {n[8:]: paired_ratio(m, base) - 1 for n, m in by.items()
+               if n.startswith("variant:")}
         out["variant_overhead"] = rel
         flex = [v for n, v in rel.items() if n.startswith("flex") and "+sac" not in n]
         out["flex_overhead"] = max(flex) if flex else None
         sac = []
         if "avg+sac" in rel:
             sac.append(rel["avg+sac"])
-        if "flex_reg_dropout+sac" in rel and "flex_reg_dropout" in rel:
-            sac.append((1 + rel["flex_reg_dropout+sac"]) / (1 + rel["flex_reg_dropout"]) - 1)
+        if "variant:flex_reg_dropout+sac" in by and "variant:flex_reg_dropout" in by:
+            sac.append(paired_ratio(by["variant:flex_reg_dropout+sac"],
+                                    by["variant:flex_reg_dropout"]) - 1)
         out["sac_overhead"] = max(sac) if sac else None
-    out["startup_s"] = measure_startup(overrides, bs) if startup else None
+    probes = measure_startup(overrides, bs, startup_probes) if startup_probes else []
+    out["startup_s"] = statistics.median(probes) if probes else None
+    out["startup_probes_s"] = probes
     out["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -301,8 +338,9 @@ def format_table(r: dict) -> str:
             lines.append("sac_overhead (worst of avg, flex_reg_dropout) = "
                          f"{r['sac_overhead']:+.1%}")
     startup = r.get("startup_s")
-    lines += ["", f"start-up to first step: {startup:.2f} s" if startup is not None
-              else "start-up to first step: not measured",
+    probes = ", ".join(f"{v:.2f}" for v in r.get("startup_probes_s") or [])
+    lines += ["", f"start-up to first step: {startup:.2f} s (median of {probes})"
+              if startup is not None else "start-up to first step: not measured",
               f"peak RSS: {r['peak_rss_mb']:.0f} MB"
               + (f", peak GPU memory: {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else "")]
     return "\n".join(lines)
@@ -312,27 +350,31 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flexexp.bench",
                                  description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    ap.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     ap.add_argument("--steps", type=int, default=1, help="timed steps per mode per round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                     help="DataLoader workers of the reference loop")
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated subset of {','.join(VARIANTS)} ('' for none)")
-    ap.add_argument("--no-startup", action="store_true", help="skip the start-up probe")
+    ap.add_argument("--startup-probes", type=int, default=3,
+                    help="fresh `python -m flexexp.train` processes timed to their first step "
+                         "(the median is reported; default 3)")
+    ap.add_argument("--no-startup", action="store_true", help="skip the start-up probes")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for flexexp.train")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     variants = [v for v in args.variants.split(",") if v]
     unknown = [v for v in variants if v not in VARIANTS]
     try:
         if unknown:
             raise FlexexpError(f"unknown --variants {unknown}; valid: {', '.join(VARIANTS)}")
-        if min(args.rounds, args.steps) < 1 or args.warmup < 0:
-            raise FlexexpError("--rounds and --steps must be >= 1 and --warmup >= 0")
+        if min(args.rounds, args.steps) < 1 or min(args.warmup, args.startup_probes) < 0:
+            raise FlexexpError("--rounds and --steps must be >= 1, --warmup and "
+                               "--startup-probes >= 0")
         check_overrides(args.overrides)
         cfg = compose_config(args.overrides)
         result = bench(cfg, args.overrides, args.rounds, args.steps, args.warmup, args.workers,
-                       variants, not args.no_startup)
+                       variants, 0 if args.no_startup else args.startup_probes)
     except FlexexpError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

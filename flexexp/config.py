@@ -101,6 +101,7 @@ class TrainerConfig:
     precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (autocast)
     channels_last: bool = False  # NHWC memory format
     compile: bool = False  # torch.compile the model (costs start-up time)
+    keep_heap: bool = True  # CPU: large blocks from glibc's heap, not mmap (flexexp.runtime)
 
 
 @dataclass
@@ -151,6 +152,7 @@ RUNTIME_KEYS = (
     "trainer.device",
     "trainer.threads",
     "trainer.progress",
+    "trainer.keep_heap",
     "dataset.root",
     "dataset.download",
     "dataset.verify_checksums",

@@ -29,6 +29,7 @@ from flexexp.data.loader import Augment, DeviceLoader
 from flexexp.data.sources import load_arrays
 from flexexp.errors import ConfigError, DivergenceError, FlexexpError
 from flexexp.models import CifarResNet
+from flexexp.runtime import heap_kept, keep_heap
 from flexexp.tracking import (
     CELL_FILE,
     CHECKPOINT_FILE,
@@ -438,6 +439,8 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist) -
         device = torch.device("cuda", dist.local_rank)
     if t.threads > 0:
         torch.set_num_threads(t.threads)
+    if t.keep_heap and device.type == "cpu":
+        keep_heap()
     # the call imports torch._inductor (~2 s): make it only when the setting changes
     if bool(t.deterministic) != torch.are_deterministic_algorithms_enabled():
         torch.use_deterministic_algorithms(bool(t.deterministic), warn_only=True)
@@ -470,7 +473,8 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist) -
     train_loader = DeviceLoader(arrays.x_train, arrays.y_train, t.batch_size, d.mean, d.std,
                                 device, train=True, aug=aug, generator=gen,
                                 memory_format=memory_format, rank=dist.rank, world=dist.world,
-                                aug_generator=aug_gen, drop_last=dist.world > 1)
+                                aug_generator=aug_gen, drop_last=dist.world > 1,
+                                prefetch=device.type == "cpu")
     test_loader = DeviceLoader(arrays.x_test, arrays.y_test, max(t.batch_size, 1000), d.mean,
                                d.std, device, train=False, memory_format=memory_format)
 
@@ -515,7 +519,8 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist) -
                   device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
                   else platform.processor() or platform.machine(),
                   precision=str(amp_dtype or torch.float32).replace("torch.", ""),
-                  channels_last=bool(t.channels_last), compile=bool(t.compile))
+                  channels_last=bool(t.channels_last), compile=bool(t.compile),
+                  keep_heap=heap_kept())
     log.info("%s | %s %s sac=%s | %d params | %s x%d | %d train / %d test images | "
              "%d steps/epoch", run_dir, cfg.dataset.name, cfg.pool.name, cfg.sac.name,
              num_params, device, dist.world, n_train, len(arrays.y_test), steps_per_epoch)

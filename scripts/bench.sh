@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole benchmark table: batch 1000, synthetic 32x32 (the paper's setting), across
 # precisions and memory formats. Extra arguments go to every run, e.g. trainer.device=cuda.
-# Prints each run's table; the JSON lines are collected in results/bench/<host>.jsonl.
+# Flags go to every run too (bash scripts/bench.sh --rounds 7). Prints each run's table;
+# the JSON lines are collected in results/bench/<host>.jsonl.
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 out="results/bench/$(hostname).jsonl"
 mkdir -p "$(dirname "$out")"
@@ -12,14 +13,16 @@ if python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"
             "trainer.precision=bf16 trainer.channels_last=true"
             "trainer.precision=bf16 trainer.channels_last=true trainer.compile=true")
 else
+  # the last row shows what trainer.keep_heap (flexexp/runtime.py) gains on a CPU
   settings=("trainer.precision=fp32" "trainer.precision=fp32 trainer.channels_last=true"
-            "trainer.precision=bf16" "trainer.precision=bf16 trainer.channels_last=true")
+            "trainer.precision=bf16" "trainer.precision=bf16 trainer.channels_last=true"
+            "trainer.precision=fp32 trainer.keep_heap=false")
 fi
 first=1
 for s in "${settings[@]}"; do
   echo "=== $s" >&2
   # variants and start-up are measured once, with the first (default) setting
-  extra=(--variants "")
+  extra=(--variants "" --no-startup)
   [[ $first == 1 ]] && extra=()
   # shellcheck disable=SC2086
   python -m flexexp.bench "${extra[@]}" "${base[@]}" $s "$@" | tee /dev/stderr | tail -n 1 >> "$out"
@@ -28,9 +31,10 @@ done
 python - "$out" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print(f"\n| precision | channels_last | harness img/s | compute bound img/s | reference img/s | harness/compute | harness/reference |")
-print("|---|---|---|---|---|---|---|")
+print("\n| precision | channels_last | keep_heap | harness img/s | compute bound img/s | reference img/s | harness/compute | harness/reference |")
+print("|---|---|---|---|---|---|---|---|")
 for r in rows:
-    print(f"| {r['precision']} | {r['channels_last']} | {r['harness_img_s']:.0f} | {r['compute_bound_img_s']:.0f} | "
-          f"{r['reference_img_s']:.0f} | {r['harness_over_compute']:.3f} | {r['harness_over_reference']:.3f} |")
+    print(f"| {r['precision']} | {r['channels_last']} | {r.get('keep_heap')} | {r['harness_img_s']:.0f} | "
+          f"{r['compute_bound_img_s']:.0f} | {r['reference_img_s']:.0f} | {r['harness_over_compute']:.3f} | "
+          f"{r['harness_over_reference']:.3f} |")
 PY

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import TINY, make_cfg, run_cli
 
-from flexexp import trainer
+from flexexp import bench, trainer
 from flexexp.data.loader import Augment, DeviceLoader
 from flexexp.tracking import read_json
 
@@ -23,7 +23,7 @@ BENCH_KEYS = {"harness_img_s", "compute_bound_img_s", "reference_img_s", "harnes
 
 @pytest.mark.slow
 def test_bench_prints_a_table_and_a_json_last_line(tmp_path):
-    proc = run_cli(["--rounds", "1", "--warmup", "0", "--workers", "0",
+    proc = run_cli(["--rounds", "1", "--warmup", "0", "--workers", "0", "--startup-probes", "1",
                     "--variants", "avg,flex,avg+sac", *TINY], cwd=tmp_path,
                    module="flexexp.bench")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -37,9 +37,23 @@ def test_bench_prints_a_table_and_a_json_last_line(tmp_path):
         result["harness_img_s"] / result["compute_bound_img_s"])
     assert result["harness_over_reference"] == pytest.approx(
         result["harness_img_s"] / result["reference_img_s"])
+    assert len(result["startup_probes_s"]) == 1
+    assert result["startup_s"] == result["startup_probes_s"][0]
+    # one round: each paired ratio is that round's ratio of step times
+    assert result["flex_overhead"] == pytest.approx(
+        result["variant_step_s"]["flex"] / result["variant_step_s"]["avg"] - 1)
     assert result["flex_overhead"] == pytest.approx(result["variant_overhead"]["flex"])
     assert result["sac_overhead"] == pytest.approx(result["variant_overhead"]["avg+sac"])
     assert "harness / compute_bound" in proc.stdout and "start-up to first step" in proc.stdout
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    a, b = bench.Mode("a", lambda n: None, 10), bench.Mode("b", lambda n: None, 10)
+    # round 2 hit 'a' with outside load; the medians alone would give 3/2 - 1 = 50%
+    a.step_times, b.step_times = [1.1, 9.0, 3.3], [1.0, 2.0, 3.0]
+    assert bench.paired_ratio(a, b) == pytest.approx(1.1)
+    # throughputs use the total (mean) time, slow steps included
+    assert a.step_s == pytest.approx(13.4 / 3) and b.step_s == pytest.approx(2.0)
 
 
 def test_bench_rejects_bad_arguments(tmp_path):
