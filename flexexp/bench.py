@@ -13,7 +13,8 @@ hits all alike), images per second of:
    per-image RandomHorizontalFlip and RandomAffine scaling, ToTensor, Normalize, a
    DataLoader with worker processes, fp32 NCHW;
 
-plus the step time of each pooling variant and of SAC relative to avg pooling, the
+plus the step time of each pooling variant relative to avg pooling and of SAC relative
+to the same pool without it (each timed in adjacent pairs of steps), the
 start-up time of ``python -m flexexp.train`` to its first training step, and peak
 memory. The last line printed is one JSON object with the numbers.
 """
@@ -49,14 +50,14 @@ from flexexp.trainer import (
     resolve_precision,
 )
 
-VARIANTS = {  # name -> overrides on top of the benchmarked config
-    "avg": ["pool=avg", "sac=off"],
-    "flex": ["pool=flex", "sac=off"],
-    "flex_reg": ["pool=flex_reg", "sac=off"],
-    "flex_reg_dropout": ["pool=flex_reg_dropout", "sac=off"],
-    "flex_softmax": ["pool=flex_softmax", "sac=off"],
-    "avg+sac": ["pool=avg", "sac=on"],
-    "flex_reg_dropout+sac": ["pool=flex_reg_dropout", "sac=on"],
+VARIANTS = {  # name -> (overrides on top of the benchmarked config, variant it is timed against)
+    "avg": (["pool=avg", "sac=off"], None),
+    "flex": (["pool=flex", "sac=off"], "avg"),
+    "flex_reg": (["pool=flex_reg", "sac=off"], "avg"),
+    "flex_reg_dropout": (["pool=flex_reg_dropout", "sac=off"], "avg"),
+    "flex_softmax": (["pool=flex_softmax", "sac=off"], "avg"),
+    "avg+sac": (["pool=avg", "sac=on"], "avg"),
+    "flex_reg_dropout+sac": (["pool=flex_reg_dropout", "sac=on"], "flex_reg_dropout"),
 }
 
 
@@ -89,16 +90,15 @@ class Mode:
         return self.images_per_step / self.step_s
 
 
-def paired_ratio(a: Mode, b: Mode) -> float:
-    """Step time of ``a`` over that of ``b``: the median over rounds of the per-round ratio.
-
-    For the cost of one model variant over another (a fixed computation, the same in
-    every step): both ran in every round, one right after the other, so a round's ratio
-    compares them under the same machine conditions, and the median drops rounds that a
-    burst of outside load hit unevenly. Throughputs, whose pipelines have costs that
-    recur only now and then (an epoch's first batches), use total times instead.
-    """
-    return statistics.median(ta / tb for ta, tb in zip(a.step_times, b.step_times, strict=True))
+def with_bases(names: list[str]) -> list[str]:
+    """``names`` plus the variants they are timed against, bases first, without repeats."""
+    out: list[str] = []
+    for name in names:
+        chain = [name]
+        while (base := VARIANTS[chain[0]][1]) is not None:
+            chain.insert(0, base)
+        out += [n for n in chain if n not in out]
+    return out
 
 
 def _fixed_batch_mode(name: str, cfg: DictConfig, x: torch.Tensor, y: torch.Tensor,
@@ -255,9 +255,14 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
     modes = [_fixed_batch_mode("compute_bound", cfg, x, y, device),
              _harness_mode(cfg, arrays, device),
              _reference_mode(cfg, arrays, device, workers)]
-    for name in variants:
-        vcfg = compose_config([*overrides, *VARIANTS[name]])
-        modes.append(_fixed_batch_mode(f"variant:{name}", vcfg, x, y, device))
+    variant_modes = {}
+    for name in with_bases(variants):
+        vcfg = compose_config([*overrides, *VARIANTS[name][0]])
+        variant_modes[name] = _fixed_batch_mode(f"variant:{name}", vcfg, x, y, device)
+    # each compared variant gets its own timed step of its base, right before or after
+    # its own: the ratio of two adjacent steps is the least noisy comparison
+    pairs = [(n, variant_modes[VARIANTS[n][1]], variant_modes[n], [])
+             for n in with_bases(variants) if VARIANTS[n][1] is not None]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -266,7 +271,7 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
           f"{cfg.trainer.channels_last}, compile {cfg.trainer.compile}; "
           f"{rounds} rounds x {steps} step(s) per mode after {warmup} warm-up step(s)",
           file=sys.stderr)
-    for mode in modes:  # warm-up: allocator, kernels, worker start, compile
+    for mode in [*modes, *variant_modes.values()]:  # warm-up: allocator, kernels, workers
         mode.run(warmup)
     _sync(device)
     for r in range(rounds):
@@ -274,6 +279,10 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
         # hits the modes alike instead of always the last ones
         for mode in modes if r % 2 == 0 else modes[::-1]:
             mode.time(steps, device)
+        for _, base, mode, ratios in pairs if r % 2 == 0 else pairs[::-1]:
+            for m in (base, mode) if r % 2 == 0 else (mode, base):
+                m.time(steps, device)
+            ratios.append(mode.step_times[-1] / base.step_times[-1])
         print(f"  round {r + 1}/{rounds}: " + ", ".join(
             f"{m.name} {m.images_per_step / m.step_times[-1]:.0f}" for m in modes[:3]),
             file=sys.stderr)
@@ -296,21 +305,15 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
         # throughputs over the same rounds: ratios of the modes' total (mean) step times
         "harness_over_compute": by["compute_bound"].step_s / by["harness"].step_s,
         "harness_over_reference": by["reference"].step_s / by["harness"].step_s,
-        "variant_step_s": {n[8:]: m.step_s for n, m in by.items() if n.startswith("variant:")},
+        "variant_step_s": {n: m.step_s for n, m in variant_modes.items()},
     }
-    base = by.get("variant:avg")
-    if base is not None:
-        rel = {n[8:]: paired_ratio(m, base) - 1 for n, m in by.items()
-               if n.startswith("variant:")}
-        out["variant_overhead"] = rel
-        flex = [v for n, v in rel.items() if n.startswith("flex") and "+sac" not in n]
+    if pairs:
+        out["variant_base"] = {n: VARIANTS[n][1] for n, *_ in pairs}
+        out["variant_overhead"] = {n: statistics.median(ratios) - 1 for n, _, _, ratios in pairs}
+        rel = out["variant_overhead"]
+        flex = [v for n, v in rel.items() if n.startswith("flex") and not n.endswith("+sac")]
+        sac = [v for n, v in rel.items() if n.endswith("+sac")]
         out["flex_overhead"] = max(flex) if flex else None
-        sac = []
-        if "avg+sac" in rel:
-            sac.append(rel["avg+sac"])
-        if "variant:flex_reg_dropout+sac" in by and "variant:flex_reg_dropout" in by:
-            sac.append(paired_ratio(by["variant:flex_reg_dropout+sac"],
-                                    by["variant:flex_reg_dropout"]) - 1)
         out["sac_overhead"] = max(sac) if sac else None
     probes = measure_startup(overrides, bs, startup_probes) if startup_probes else []
     out["startup_s"] = statistics.median(probes) if probes else None
@@ -330,12 +333,16 @@ def format_table(r: dict) -> str:
     lines += ["", f"harness / compute_bound = {r['harness_over_compute']:.3f}",
               f"harness / reference     = {r['harness_over_reference']:.3f}"]
     if r.get("variant_overhead"):
-        lines += ["", f"{'variant':<24}{'step s':>12}{'vs avg':>20}"]
-        for n, s in r["variant_step_s"].items():
-            lines.append(f"{n:<24}{s:>12.3f}{r['variant_overhead'][n]:>+19.1%}")
-        lines.append(f"flex_overhead (worst FlexPool variant) = {r['flex_overhead']:+.1%}")
+        lines += ["", f"{'variant':<24}{'step s':>10}{'timed against':>22}{'overhead':>10}"]
+        for n, t in r["variant_step_s"].items():
+            vs = r["variant_base"].get(n)
+            lines.append(f"{n:<24}{t:>10.3f}" + (f"{vs:>22}{r['variant_overhead'][n]:>+10.1%}"
+                                                 if vs else ""))
+        if r.get("flex_overhead") is not None:
+            lines.append(f"flex_overhead (worst FlexPool variant vs avg) = "
+                         f"{r['flex_overhead']:+.1%}")
         if r.get("sac_overhead") is not None:
-            lines.append("sac_overhead (worst of avg, flex_reg_dropout) = "
+            lines.append(f"sac_overhead (worst SAC variant vs the same pool without SAC) = "
                          f"{r['sac_overhead']:+.1%}")
     startup = r.get("startup_s")
     probes = ", ".join(f"{v:.2f}" for v in r.get("startup_probes_s") or [])

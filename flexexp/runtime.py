@@ -8,7 +8,8 @@ third of the step time, and the main source of step-to-step jitter. :func:`keep_
 tells glibc to serve large blocks from the heap and to keep freed memory for reuse (the
 memory stays with the process at its peak, as a caching allocator would keep it),
 through ``mallopt``: the same knobs as the environment variables ``MALLOC_MMAP_MAX_=0``
-and ``MALLOC_TRIM_THRESHOLD_``. """
+and ``MALLOC_TRIM_THRESHOLD_``.
+"""
 
 from __future__ import annotations
 
