@@ -14,7 +14,8 @@ hits all alike), images per second of:
    DataLoader with worker processes, fp32 NCHW;
 
 plus the step time of each pooling variant relative to avg pooling and of SAC relative
-to the same pool without it (each timed in adjacent pairs of steps), the
+to the same pool without it (each timed in adjacent pairs of steps; plus the same
+comparison for the heads alone, which is far less noisy than whole steps), the
 start-up time of ``python -m flexexp.train`` to its first training step, and peak
 memory. The last line printed is one JSON object with the numbers.
 """
@@ -22,6 +23,7 @@ memory. The last line printed is one JSON object with the numbers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -117,6 +119,38 @@ def _fixed_batch_mode(name: str, cfg: DictConfig, x: torch.Tensor, y: torch.Tens
             step.step(xb, y, lr)
 
     return Mode(name, run, len(y))
+
+
+def heads_step_s(cfg: DictConfig, x: torch.Tensor, device: torch.device, reps: int) -> float:
+    """Median seconds of the part of a step that the pooling variants change: every head
+    (pool, dropout, linear) and the pool penalty, forward and backward, on the model's
+    real feature maps, with each map's gradient added to one already there (as autograd
+    adds a SAC head's gradient to that of the next stage). Shares no time with the
+    stages, so it is far less noisy than a whole step.
+    """
+    amp = resolve_precision(cfg.trainer.precision, device)
+    autocast = (torch.autocast(device.type, dtype=amp) if amp is not None
+                else contextlib.nullcontext())
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device).train()
+    with torch.no_grad(), autocast:
+        feats = [f.detach().requires_grad_() for f in model.forward_features(x)]
+    reg = float(cfg.pool.reg)
+    times = []
+    for _ in range(reps + 1):
+        for f in feats:
+            f.grad = torch.zeros_like(f)
+        _sync(device)
+        t0 = time.perf_counter()
+        with autocast:
+            out = sum(head(feats[i]).float().sum()
+                      for head, i in zip(model.heads, model.head_stages, strict=True))
+            if reg > 0:
+                out = out + reg * model.regularization()
+        out.backward()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])  # the first one warms up
 
 
 def _harness_mode(cfg: DictConfig, arrays, device: torch.device) -> Mode:
@@ -233,7 +267,7 @@ def peak_rss_mb() -> float:
 
 
 def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup: int,
-          workers: int, variants: list[str], startup_probes: int) -> dict:
+          workers: int, variants: list[str], startup_probes: int, head_reps: int = 20) -> dict:
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
     if cfg.trainer.threads > 0:
@@ -315,6 +349,12 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
         sac = [v for n, v in rel.items() if n.endswith("+sac")]
         out["flex_overhead"] = max(flex) if flex else None
         out["sac_overhead"] = max(sac) if sac else None
+        # the same comparison for the heads alone, as a fraction of the base's whole step
+        heads = {n: heads_step_s(compose_config([*overrides, *VARIANTS[n][0]]), x, device,
+                                 head_reps) for n in variant_modes}
+        out["variant_heads_s"] = heads
+        out["variant_heads_overhead"] = {n: (heads[n] - heads[b]) / variant_modes[b].step_s
+                                         for n, b in out["variant_base"].items()}
     probes = measure_startup(overrides, bs, startup_probes) if startup_probes else []
     out["startup_s"] = statistics.median(probes) if probes else None
     out["startup_probes_s"] = probes
@@ -333,11 +373,21 @@ def format_table(r: dict) -> str:
     lines += ["", f"harness / compute_bound = {r['harness_over_compute']:.3f}",
               f"harness / reference     = {r['harness_over_reference']:.3f}"]
     if r.get("variant_overhead"):
-        lines += ["", f"{'variant':<24}{'step s':>10}{'timed against':>22}{'overhead':>10}"]
+        lines += ["", f"{'variant':<22}{'step s':>8}{'timed against':>19}{'overhead':>10}"
+                      f"{'heads ms':>10}{'heads only':>12}"]
         for n, t in r["variant_step_s"].items():
             vs = r["variant_base"].get(n)
-            lines.append(f"{n:<24}{t:>10.3f}" + (f"{vs:>22}{r['variant_overhead'][n]:>+10.1%}"
-                                                 if vs else ""))
+            heads = r.get("variant_heads_s", {}).get(n)
+            line = f"{n:<22}{t:>8.3f}"
+            line += f"{vs:>19}{r['variant_overhead'][n]:>+10.1%}" if vs else " " * 29
+            if heads is not None:
+                line += f"{heads * 1e3:>10.1f}"
+                if vs:
+                    line += f"{r['variant_heads_overhead'][n]:>+12.2%}"
+            lines.append(line)
+        lines.append("(overhead: whole steps, timed in adjacent pairs; heads only: the extra "
+                     "time of the heads and pool penalty, forward and backward, over the "
+                     "base's whole step)")
         if r.get("flex_overhead") is not None:
             lines.append(f"flex_overhead (worst FlexPool variant vs avg) = "
                          f"{r['flex_overhead']:+.1%}")

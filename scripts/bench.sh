@@ -7,7 +7,8 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 out="results/bench/$(hostname).jsonl"
 mkdir -p "$(dirname "$out")"
 : > "$out"
-base=(dataset=synthetic dataset.image_size=32 dataset.train_size=4000 trainer.batch_size=1000)
+# 50,000 training images: the epoch of CIFAR-10 (50 steps at batch 1000)
+base=(dataset=synthetic dataset.image_size=32 dataset.train_size=50000 trainer.batch_size=1000)
 if python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   settings=("trainer.precision=fp32" "trainer.precision=bf16"
             "trainer.precision=bf16 trainer.channels_last=true"
@@ -25,7 +26,7 @@ for s in "${settings[@]}"; do
   extra=(--variants "" --no-startup)
   [[ $first == 1 ]] && extra=()
   # shellcheck disable=SC2086
-  python -m flexexp.bench "${extra[@]}" "${base[@]}" $s "$@" | tee /dev/stderr | tail -n 1 >> "$out"
+  python -m flexexp.bench "${extra[@]}" "${base[@]}" $s "$@" | tee -a /dev/stderr | tail -n 1 >> "$out"
   first=0
 done
 python - "$out" <<'PY'

@@ -45,6 +45,11 @@ def test_bench_prints_a_table_and_a_json_last_line(tmp_path):
     assert result["flex_overhead"] == result["variant_overhead"]["flex"]
     assert result["sac_overhead"] == result["variant_overhead"]["avg+sac"]
     assert all(-0.9 < v < 10 for v in result["variant_overhead"].values())
+    # the heads-only comparison: a time per variant, and its extra over the base's step
+    heads, step = result["variant_heads_s"], result["variant_step_s"]
+    assert set(heads) == set(step) and all(v > 0 for v in heads.values())
+    for n, b in result["variant_base"].items():
+        assert result["variant_heads_overhead"][n] == pytest.approx((heads[n] - heads[b]) / step[b])
     assert "harness / compute_bound" in proc.stdout and "start-up to first step" in proc.stdout
 
 
