@@ -50,6 +50,8 @@ def test_bench_prints_a_table_and_a_json_last_line(tmp_path):
     assert set(heads) == set(step) and all(v > 0 for v in heads.values())
     for n, b in result["variant_base"].items():
         assert result["variant_heads_overhead"][n] == pytest.approx((heads[n] - heads[b]) / step[b])
+    assert result["flex_overhead_heads"] == result["variant_heads_overhead"]["flex"]
+    assert result["sac_overhead_heads"] == result["variant_heads_overhead"]["avg+sac"]
     assert "harness / compute_bound" in proc.stdout and "start-up to first step" in proc.stdout
 
 
