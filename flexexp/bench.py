@@ -164,8 +164,7 @@ def _harness_mode(cfg: DictConfig, arrays, device: torch.device) -> Mode:
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     aug = Augment(flip=d.flip, scale=(d.scale[0], d.scale[1]), translate=d.translate)
     loader = DeviceLoader(arrays.x_train, arrays.y_train, t.batch_size, d.mean, d.std, device,
-                          train=True, aug=aug, generator=gen, memory_format=fmt,
-                          prefetch=device.type == "cpu")  # as the trainer builds it
+                          train=True, aug=aug, generator=gen, memory_format=fmt)
     total = len(loader) * t.epochs
     counters = Counters.zeros(len(model.heads), device)
     state = {"step": 0, "it": iter(())}

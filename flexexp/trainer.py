@@ -473,8 +473,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist) -
     train_loader = DeviceLoader(arrays.x_train, arrays.y_train, t.batch_size, d.mean, d.std,
                                 device, train=True, aug=aug, generator=gen,
                                 memory_format=memory_format, rank=dist.rank, world=dist.world,
-                                aug_generator=aug_gen, drop_last=dist.world > 1,
-                                prefetch=device.type == "cpu")
+                                aug_generator=aug_gen, drop_last=dist.world > 1)
     test_loader = DeviceLoader(arrays.x_test, arrays.y_test, max(t.batch_size, 1000), d.mean,
                                d.std, device, train=False, memory_format=memory_format)
 

@@ -121,38 +121,3 @@ def test_test_loader_keeps_order_and_pixels():
     xs, ys = zip(*loader, strict=True)
     assert torch.equal(torch.cat(ys), y)
     assert torch.allclose(torch.cat(xs), (x.float() / 255 - 0.5) / 0.25)
-
-
-def _loader(x, y, seed, prefetch):
-    return DeviceLoader(x, y, 8, [0.5], [0.25], torch.device("cpu"), train=True,
-                        aug=PAPER_AUG, generator=gen(seed), prefetch=prefetch)
-
-
-def test_prefetch_gives_the_same_batches_and_generator_state():
-    x, y = images(40, size=8), torch.arange(40)
-    plain, ahead = _loader(x, y, 5, False), _loader(x, y, 5, True)
-    for _ in range(2):  # two epochs: the second starts from the state the first left
-        a, b = list(plain), list(ahead)
-        assert len(a) == len(b) == 5
-        assert all(torch.equal(p[0], q[0]) and torch.equal(p[1], q[1])
-                   for p, q in zip(a, b, strict=True))
-        assert torch.equal(plain.generator.get_state(), ahead.generator.get_state())
-
-
-def test_prefetch_stops_cleanly_when_the_consumer_stops_early():
-    x, y = images(40, size=8), torch.arange(40)
-    ahead = _loader(x, y, 5, True)
-    it = iter(ahead)
-    first = next(it)
-    it.close()  # what a `break` out of the epoch loop does
-    # the thread made at most one batch ahead; the loader starts a fresh epoch afterwards
-    assert torch.equal(first[1], next(iter(_loader(x, y, 5, False)))[1])
-    assert len(list(ahead)) == 5
-
-
-def test_prefetch_raises_the_batch_error_in_the_consumer():
-    x, y = images(16, size=8), torch.arange(16)
-    ahead = _loader(x, y, 0, True)
-    ahead.mean = torch.zeros(1, 2, 1, 1)  # wrong channel count: normalize fails on a batch
-    with pytest.raises(RuntimeError, match="size of tensor"):
-        list(ahead)

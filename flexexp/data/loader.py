@@ -8,9 +8,7 @@ and no per-image Python work: for 32x32 images that is what keeps the GPU busy.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -110,7 +108,6 @@ class DeviceLoader:
         world: int = 1,
         aug_generator: torch.Generator | None = None,
         drop_last: bool = False,
-        prefetch: bool = False,
     ) -> None:
         self.x = x.to(device)
         self.y = y.to(device)
@@ -123,7 +120,6 @@ class DeviceLoader:
         self.memory_format = memory_format
         self.rank, self.world = rank, world
         self.drop_last = drop_last  # data-parallel: every rank needs a full share
-        self.prefetch = prefetch
         c = x.shape[1]
         self.mean = torch.tensor(list(mean), device=device).expand(c).reshape(1, c, 1, 1)
         self.std = torch.tensor(list(std), device=device).expand(c).reshape(1, c, 1, 1)
@@ -140,11 +136,6 @@ class DeviceLoader:
         return len(self.y)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.prefetch:
-            return _one_ahead(self._batches())
-        return self._batches()
-
-    def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = len(self.y)
         if self.train:
             order = torch.randperm(n, generator=self.generator, device=self.device)
@@ -160,26 +151,3 @@ class DeviceLoader:
                 xb = augment(xb, self.aug, self.aug_generator)
             xb = normalize(xb, self.mean, self.std)
             yield xb.contiguous(memory_format=self.memory_format), yb
-
-
-_END = object()
-
-
-def _one_ahead(batches: Iterator[tuple[Tensor, Tensor]]) -> Iterator[tuple[Tensor, Tensor]]:
-    """Yield from ``batches`` while a worker thread makes the next batch.
-
-    For CPU training: the batch is made while the previous step computes (torch releases
-    the GIL inside its operators), as DataLoader workers would, without their processes.
-    The generator runs in one thread at a time, in order, so the batches are the same.
-    """
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="flexexp-batch") as pool:
-        pending = pool.submit(next, batches, _END)
-        try:
-            while (batch := pending.result()) is not _END:
-                pending = pool.submit(next, batches, _END)
-                yield batch
-        finally:
-            pending.cancel()
-            with contextlib.suppress(Exception):  # wait for a running one, then close
-                pending.result()
-            batches.close()
