@@ -1,6 +1,6 @@
 """Training throughput against the compute bound and the authors' reference loop.
 
-    python -m flexexp.bench [--rounds 9] [--steps 1] [overrides as for flexexp.train]
+    python -m flexexp.bench [--rounds 10] [--steps 1] [overrides as for flexexp.train]
 
 Measures, in one process and alternating between them round by round (so machine noise
 hits all alike), images per second of:
@@ -131,10 +131,12 @@ def heads_step_s(cfg: DictConfig, x: torch.Tensor, device: torch.device, reps: i
     amp = resolve_precision(cfg.trainer.precision, device)
     autocast = (torch.autocast(device.type, dtype=amp) if amp is not None
                 else contextlib.nullcontext())
+    fmt = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device).train()
+    model = build_model(cfg).to(device, memory_format=fmt).train()
     with torch.no_grad(), autocast:
-        feats = [f.detach().requires_grad_() for f in model.forward_features(x)]
+        feats = [f.detach().requires_grad_()
+                 for f in model.forward_features(x.contiguous(memory_format=fmt))]
     reg = float(cfg.pool.reg)
     times = []
     for _ in range(reps + 1):
@@ -296,6 +298,9 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
     # its own: the ratio of two adjacent steps is the least noisy comparison
     pairs = [(n, variant_modes[VARIANTS[n][1]], variant_modes[n], [])
              for n in with_bases(variants) if VARIANTS[n][1] is not None]
+    # a variant in no pair (only `avg` asked for) is timed on its own
+    alone = [m for n, m in variant_modes.items()
+             if not any(n in (p, VARIANTS[p][1]) for p, *_ in pairs)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -316,6 +321,8 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
             for m in (base, mode) if r % 2 == 0 else (mode, base):
                 m.time(steps, device)
             ratios.append(mode.step_times[-1] / base.step_times[-1])
+        for mode in alone:
+            mode.time(steps, device)
         print(f"  round {r + 1}/{rounds}: " + ", ".join(
             f"{m.name} {m.images_per_step / m.step_times[-1]:.0f}" for m in modes[:3]),
             file=sys.stderr)
@@ -411,9 +418,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m flexexp.bench",
                                  description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=9,
-                    help="alternating rounds (default 9: on a shared 2-core CPU one step pair "
-                         "scatters by about 3%%, the median of 9 by about 1.5%%)")
+    ap.add_argument("--rounds", type=int, default=10,
+                    help="alternating rounds (default 10: on a shared 2-core CPU one step pair "
+                         "scatters by about 3%%, the median of 10 by about 1.5%%; an even "
+                         "count puts each mode first as often as second)")
     ap.add_argument("--steps", type=int, default=1, help="timed steps per mode per round")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first")
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),

@@ -14,7 +14,6 @@ and ``MALLOC_TRIM_THRESHOLD_``.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 import sys
 
@@ -38,7 +37,7 @@ def keep_heap() -> bool:
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
@@ -52,4 +51,3 @@ def keep_heap() -> bool:
 def heap_kept() -> bool:
     """Whether :func:`keep_heap` has taken effect in this process."""
     return _state["kept"]
-

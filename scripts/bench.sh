@@ -26,16 +26,20 @@ for s in "${settings[@]}"; do
   extra=(--variants "" --no-startup)
   [[ $first == 1 ]] && extra=()
   # shellcheck disable=SC2086
-  python -m flexexp.bench "${extra[@]}" "${base[@]}" $s "$@" | tee -a /dev/stderr | tail -n 1 >> "$out"
+  python -m flexexp.bench "${extra[@]}" "${base[@]}" $s "$@" | tee -a /dev/stderr \
+    | tail -n 1 >> "$out"
   first=0
 done
 python - "$out" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-print("\n| precision | channels_last | keep_heap | harness img/s | compute bound img/s | reference img/s | harness/compute | harness/reference |")
-print("|---|---|---|---|---|---|---|---|")
+cols = ["precision", "channels_last", "keep_heap", "compute bound img/s", "harness img/s",
+        "reference img/s", "harness/compute", "harness/reference"]
+print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
 for r in rows:
-    print(f"| {r['precision']} | {r['channels_last']} | {r.get('keep_heap')} | {r['harness_img_s']:.0f} | "
-          f"{r['compute_bound_img_s']:.0f} | {r['reference_img_s']:.0f} | {r['harness_over_compute']:.3f} | "
-          f"{r['harness_over_reference']:.3f} |")
+    cells = [r["precision"], str(r["channels_last"]).lower(), str(r.get("keep_heap")).lower(),
+             f"{r['compute_bound_img_s']:.0f}", f"{r['harness_img_s']:.0f}",
+             f"{r['reference_img_s']:.0f}", f"{r['harness_over_compute']:.3f}",
+             f"{r['harness_over_reference']:.2f}"]
+    print("| " + " | ".join(cells) + " |")
 PY

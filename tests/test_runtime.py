@@ -51,7 +51,8 @@ def test_keep_heap_keeps_freed_large_blocks_for_reuse():
     # kept: the block stays with the process ...
     assert kept["freed_mb"] < 4
     # ... and is reused: after a few cycles of the same allocations the RSS stops growing
-    assert kept["cycles_mb"][-4:] == [kept["cycles_mb"][-1]] * 4
+    last = kept["cycles_mb"][-4:]
+    assert max(last) - min(last) < 1.0, kept["cycles_mb"]
 
 
 @pytest.mark.slow
