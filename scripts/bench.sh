@@ -26,7 +26,7 @@ for s in "${settings[@]}"; do
   extra=(--variants "" --no-startup)
   [[ $first == 1 ]] && extra=()
   # shellcheck disable=SC2086
-  python -m flexexp.bench "${extra[@]}" "${base[@]}" $s "$@" | tee -a /dev/stderr \
+  python -m flexexp.bench "${extra[@]}" "${base[@]}" $s "$@" | tee >(cat >&2) \
     | tail -n 1 >> "$out"
   first=0
 done
