@@ -292,6 +292,11 @@ def validate(cfg: DictConfig) -> None:
             )
     if any(s <= 0 for s in cfg.dataset.std):
         raise ConfigError(f"dataset.std={list(cfg.dataset.std)} must be positive.")
+    if len(cfg.dataset.scale) != 2:
+        raise ConfigError(
+            f"dataset.scale={list(cfg.dataset.scale)} must be a range of two numbers [min, max], "
+            "e.g. [1.0, 1.2] (1.0 = no scaling)."
+        )
     lo, hi = cfg.dataset.scale
     if not 0 < lo <= hi:
         raise ConfigError(
@@ -339,9 +344,15 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
         top = parts[0]
         if len(parts) == 1 and top in GROUPS:
             options = group_options(top, conf_dir)
+            if value.startswith("["):
+                raise ConfigError(
+                    f"override {text!r} gives the config group {top!r} a list; a group takes "
+                    f"one option name ({', '.join(options)}). To sweep several, run with -m "
+                    f"and separate them by commas: {top}={','.join(options[:2])}."
+                )
             if "," in value or value.startswith(("choice(", "range(", "glob(")):
                 continue  # a sweep: Hydra checks each choice itself
-            if value not in options and value != "null":
+            if value not in options and not (value == "null" and top == "experiment"):
                 raise ConfigError(_unknown(f"option {value!r} for group {top!r}", value, options,
                                            f"{top}=<option>"))
             continue

@@ -53,6 +53,7 @@ def test_dataset_shapes(name, classes, channels):
     (["pool.dropout=1.5"], r"pool.dropout=1.5 must be in \[0, 1\)"),
     (["model.depth=21"], "not a CIFAR ResNet depth"),
     (["dataset=cifar10", "dataset.mean=[0.5,0.5]"], "one value per channel"),
+    (["dataset.scale=[0.1,0.2,0.7]"], r"must be a range of two numbers \[min, max\]"),
 ])
 def test_validation_names_key_and_fix(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -70,6 +71,8 @@ def test_non_increasing_sac_weights_warn():
     (["trainer.epoch=3"], r"Did you mean 'epochs'"),
     (["optim.learning_rate=1"], r"no 'learning_rate' in optim"),
     (["+trainer.foo=1"], r"bypasses the schema"),
+    (["pool=[0.1,0.2,0.7]"], r"gives the config group 'pool' a list.*pool=avg,flex"),
+    (["pool=null"], r"Unknown option 'null' for group 'pool'"),
 ])
 def test_check_overrides_rejects_typos(overrides, match):
     with pytest.raises(ConfigError, match=match):
