@@ -43,11 +43,12 @@ from flexexp.config import check_overrides, compose_config, validate
 from flexexp.data.loader import Augment, DeviceLoader, normalize
 from flexexp.data.sources import load_arrays
 from flexexp.errors import FlexexpError
-from flexexp.runtime import heap_kept, keep_heap
+from flexexp.runtime import heap_kept
 from flexexp.trainer import (
     Counters,
     TrainStep,
     build_model,
+    configure_process,
     learning_rate,
     resolve_device,
     resolve_precision,
@@ -272,10 +273,7 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
           workers: int, variants: list[str], startup_probes: int, head_reps: int = 20) -> dict:
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
-    if cfg.trainer.threads > 0:
-        torch.set_num_threads(cfg.trainer.threads)
-    if cfg.trainer.keep_heap and device.type == "cpu":
-        keep_heap()  # as the trainer does; it applies to all three paths alike
+    configure_process(cfg.trainer, device)  # as the trainer does, for all paths alike
     arrays = load_arrays(OmegaConf.to_object(cfg.dataset))
     bs = cfg.trainer.batch_size
     if bs > len(arrays.y_train):
@@ -291,10 +289,9 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
     modes = [_fixed_batch_mode("compute_bound", cfg, x, y, device),
              _harness_mode(cfg, arrays, device),
              _reference_mode(cfg, arrays, device, workers)]
-    variant_modes = {}
-    for name in with_bases(variants):
-        vcfg = compose_config([*overrides, *VARIANTS[name][0]])
-        variant_modes[name] = _fixed_batch_mode(f"variant:{name}", vcfg, x, y, device)
+    variant_cfgs = {n: compose_config([*overrides, *VARIANTS[n][0]]) for n in with_bases(variants)}
+    variant_modes = {n: _fixed_batch_mode(f"variant:{n}", c, x, y, device)
+                     for n, c in variant_cfgs.items()}
     # each compared variant gets its own timed step of its base, right before or after
     # its own: the ratio of two adjacent steps is the least noisy comparison
     pairs = [(n, variant_modes[VARIANTS[n][1]], variant_modes[n], [])
@@ -352,8 +349,7 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
         out["variant_base"] = {n: VARIANTS[n][1] for n, *_ in pairs}
         out["variant_overhead"] = {n: statistics.median(ratios) - 1 for n, _, _, ratios in pairs}
         # the same comparison for the heads alone, as a fraction of the base's whole step
-        heads = {n: heads_step_s(compose_config([*overrides, *VARIANTS[n][0]]), x, device,
-                                 head_reps) for n in variant_modes}
+        heads = {n: heads_step_s(c, x, device, head_reps) for n, c in variant_cfgs.items()}
         out["variant_heads_s"] = heads
         out["variant_heads_overhead"] = {n: (heads[n] - heads[b]) / variant_modes[b].step_s
                                          for n, b in out["variant_base"].items()}

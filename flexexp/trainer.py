@@ -47,7 +47,7 @@ from flexexp.tracking import (
 log = logging.getLogger(__name__)
 
 __all__ = ["run", "task", "onecycle_lr", "resolve_device", "build_model", "evaluate", "TrainStep",
-           "Dist"]
+           "Dist", "configure_process"]
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -107,6 +107,17 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def configure_process(t: DictConfig, device: torch.device) -> None:
+    """Apply the process-wide ``trainer`` settings: CPU threads, heap, determinism."""
+    if t.threads > 0:
+        torch.set_num_threads(t.threads)
+    if t.keep_heap and device.type == "cpu":
+        keep_heap()
+    # the call imports torch._inductor (~2 s): make it only when the setting changes
+    if bool(t.deterministic) != torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(bool(t.deterministic), warn_only=True)
 
 
 def build_model(cfg: DictConfig) -> CifarResNet:
@@ -437,13 +448,7 @@ def _train(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist) -
     device = resolve_device(t.device)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
-    if t.threads > 0:
-        torch.set_num_threads(t.threads)
-    if t.keep_heap and device.type == "cpu":
-        keep_heap()
-    # the call imports torch._inductor (~2 s): make it only when the setting changes
-    if bool(t.deterministic) != torch.are_deterministic_algorithms_enabled():
-        torch.use_deterministic_algorithms(bool(t.deterministic), warn_only=True)
+    configure_process(t, device)
     amp_dtype = resolve_precision(t.precision, device)
     if amp_dtype == torch.float16 and device.type == "cpu":
         log.warning("trainer.precision=fp16 on the CPU is very slow (no fast fp16 kernels); "
