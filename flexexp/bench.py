@@ -11,7 +11,11 @@ hits all alike), images per second of:
    the learning-rate function, :class:`~flexexp.trainer.TrainStep` and the counters;
 3. ``reference``: the loop the paper's authors published: a dataset of PIL images with
    per-image RandomHorizontalFlip and RandomAffine scaling, ToTensor, Normalize, a
-   DataLoader with worker processes, fp32 NCHW;
+   DataLoader with worker processes, fp32 NCHW. By default it runs in a process of its
+   own, started as the authors' script would be, without the harness's process settings
+   (``trainer.keep_heap``), and steps when the benchmark tells it to, so the rounds still
+   alternate; ``--reference-process shared`` runs it inside the benchmark's process
+   instead, where it gets those settings too;
 
 plus the step time of each pooling variant relative to avg pooling and of SAC relative
 to the same pool without it (each timed in adjacent pairs of steps; plus the same
@@ -242,6 +246,92 @@ def _reference_mode(cfg: DictConfig, arrays, device: torch.device, workers: int)
     return Mode("reference", run, cfg.trainer.batch_size)
 
 
+class ReferenceProcess(Mode):
+    """The reference loop in a child process, stepped over a pipe.
+
+    The child (``python -m flexexp.bench --serve-reference <overrides>``) builds the loop
+    in a fresh interpreter with torch's defaults plus the configured threads and
+    determinism, but not ``trainer.keep_heap``: the authors' loop runs with glibc's
+    default allocator. It times its own steps (between device syncs), so the pipe's
+    round trip is not in the numbers. While the benchmark times the other modes the
+    child waits on the pipe, as an in-process loop would wait for its turn.
+    """
+
+    PREFIX = "flexexp-bench-reference:"
+
+    def __init__(self, overrides: list[str], images_per_step: int, workers: int) -> None:
+        super().__init__("reference", self._run, images_per_step)
+        cmd = [sys.executable, "-m", "flexexp.bench", "--serve-reference",
+               "--workers", str(workers), *overrides]
+        # stderr is inherited: the child's warnings and errors reach the user directly
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+        self.info: dict = {}  # the child's peak_rss_mb and keep_heap, sent as it quits
+        self._ask("ready")
+
+    def _ask(self, request: str) -> str:
+        try:
+            if request != "ready":
+                self.proc.stdin.write(request + "\n")
+                self.proc.stdin.flush()
+            for line in self.proc.stdout:  # lines without the prefix are not ours
+                if line.startswith(self.PREFIX):
+                    return line[len(self.PREFIX):].strip()
+        except (BrokenPipeError, OSError):
+            pass
+        code = self.proc.wait()
+        raise FlexexpError(
+            f"the reference loop's process exited (code {code}) while asked {request!r}; "
+            "its error is printed above. Run with --reference-process shared to time the "
+            "reference loop inside this process instead.")
+
+    def _run(self, n: int) -> None:
+        self._ask(f"run {n}")
+
+    def time(self, steps: int, device: torch.device) -> None:
+        self.step_times.append(float(self._ask(f"time {steps}")) / steps)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(FlexexpError, ValueError):
+                self.info = json.loads(self._ask("quit"))
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def serve_reference(cfg: DictConfig, workers: int) -> int:
+    """The child side of :class:`ReferenceProcess`: answer requests on stdin until ``quit``."""
+    validate(cfg)
+    device = resolve_device(cfg.trainer.device)
+    # the authors' loop gets the threads and determinism it is compared at, not the
+    # harness's allocator setting
+    configure_process(OmegaConf.merge(cfg.trainer, {"keep_heap": False}), device)
+    mode = _reference_mode(cfg, load_arrays(OmegaConf.to_object(cfg.dataset)), device, workers)
+    out = sys.stdout
+
+    def reply(value: object) -> None:
+        out.write(f"{ReferenceProcess.PREFIX}{value}\n")
+        out.flush()
+
+    sys.stdout = sys.stderr  # anything else printed must not reach the pipe
+    reply("ready")
+    for line in sys.stdin:
+        verb, _, arg = line.strip().partition(" ")
+        if verb == "run":
+            mode.run(int(arg))
+            reply("done")
+        elif verb == "time":
+            mode.time(int(arg), device)
+            reply(mode.step_times[-1] * int(arg))
+        else:
+            break
+    reply(json.dumps({"peak_rss_mb": peak_rss_mb(), "keep_heap": heap_kept()}))
+    return 0
+
+
 def measure_startup(overrides: list[str], batch_size: int, probes: int = 3) -> list[float]:
     """Run ``python -m flexexp.train`` (one step) ``probes`` times: seconds to its first step.
 
@@ -270,7 +360,16 @@ def peak_rss_mb() -> float:
 
 
 def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup: int,
-          workers: int, variants: list[str], startup_probes: int, head_reps: int = 20) -> dict:
+          workers: int, variants: list[str], startup_probes: int, head_reps: int = 20,
+          reference_process: str = "own") -> dict:
+    with contextlib.ExitStack() as stack:
+        return _bench(cfg, overrides, rounds, steps, warmup, workers, variants,
+                      startup_probes, head_reps, reference_process, stack)
+
+
+def _bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup: int,
+           workers: int, variants: list[str], startup_probes: int, head_reps: int,
+           reference_process: str, stack: contextlib.ExitStack) -> dict:
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
     configure_process(cfg.trainer, device)  # as the trainer does, for all paths alike
@@ -286,9 +385,13 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
     x = normalize(x_dev, mean, std)
     y = arrays.y_train[:bs].to(device)
 
+    if reference_process == "own":
+        reference = ReferenceProcess(overrides, bs, workers)
+        stack.callback(reference.close)
+    else:
+        reference = _reference_mode(cfg, arrays, device, workers)
     modes = [_fixed_batch_mode("compute_bound", cfg, x, y, device),
-             _harness_mode(cfg, arrays, device),
-             _reference_mode(cfg, arrays, device, workers)]
+             _harness_mode(cfg, arrays, device), reference]
     variant_cfgs = {n: compose_config([*overrides, *VARIANTS[n][0]]) for n in with_bases(variants)}
     variant_modes = {n: _fixed_batch_mode(f"variant:{n}", c, x, y, device)
                      for n, c in variant_cfgs.items()}
@@ -333,6 +436,7 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
         "compile": bool(cfg.trainer.compile),
         "keep_heap": heap_kept(),
         "threads": torch.get_num_threads(),
+        "reference_process": reference_process,
         "batch_size": bs,
         "image_size": d.image_size,
         "rounds": rounds,
@@ -367,6 +471,10 @@ def bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmup
     out["startup_s"] = statistics.median(probes) if probes else None
     out["startup_probes_s"] = probes
     out["peak_rss_mb"] = peak_rss_mb()
+    if isinstance(reference, ReferenceProcess):
+        reference.close()
+        out["reference_keep_heap"] = reference.info.get("keep_heap")
+        out["reference_peak_rss_mb"] = reference.info.get("peak_rss_mb")
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -379,7 +487,9 @@ def format_table(r: dict) -> str:
     lines = [f"{'path':<24}{'images/s':>12}{'of compute bound':>20}"]
     lines += [f"{n:<24}{v:>12.0f}{f:>19.1%}" for n, v, f in rows]
     lines += ["", f"harness / compute_bound = {r['harness_over_compute']:.3f}",
-              f"harness / reference     = {r['harness_over_reference']:.3f}"]
+              f"harness / reference     = {r['harness_over_reference']:.3f}"
+              + (" (reference in its own process)" if r.get("reference_process") == "own"
+                 else " (reference in this process, with its settings)")]
     if r.get("variant_overhead"):
         lines += ["", f"{'variant':<22}{'step s':>8}{'timed against':>19}{'overhead':>10}"
                       f"{'heads ms':>10}{'heads only':>12}"]
@@ -407,6 +517,8 @@ def format_table(r: dict) -> str:
     lines += ["", f"start-up to first step: {startup:.2f} s (median of {probes})"
               if startup is not None else "start-up to first step: not measured",
               f"peak RSS: {r['peak_rss_mb']:.0f} MB"
+              + (f" (the reference's process: {r['reference_peak_rss_mb']:.0f} MB)"
+                 if r.get("reference_peak_rss_mb") else "")
               + (f", peak GPU memory: {r['peak_gpu_mb']:.0f} MB" if "peak_gpu_mb" in r else "")]
     return "\n".join(lines)
 
@@ -429,6 +541,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="fresh `python -m flexexp.train` processes timed to their first step "
                          "(the median is reported; default 3)")
     ap.add_argument("--no-startup", action="store_true", help="skip the start-up probes")
+    ap.add_argument("--reference-process", choices=["own", "shared"], default="own",
+                    help="run the reference loop in a process of its own, as the authors' "
+                         "script runs (default), or inside this one, where it shares the "
+                         "harness's process settings (trainer.keep_heap)")
+    ap.add_argument("--serve-reference", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for flexexp.train")
     args = ap.parse_intermixed_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -441,8 +558,11 @@ def main(argv: list[str] | None = None) -> int:
                                "--startup-probes >= 0")
         check_overrides(args.overrides)
         cfg = compose_config(args.overrides)
+        if args.serve_reference:
+            return serve_reference(cfg, args.workers)
         result = bench(cfg, args.overrides, args.rounds, args.steps, args.warmup, args.workers,
-                       variants, 0 if args.no_startup else args.startup_probes)
+                       variants, 0 if args.no_startup else args.startup_probes,
+                       reference_process=args.reference_process)
     except FlexexpError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,9 +14,11 @@ if python -c "import torch,sys; sys.exit(0 if torch.cuda.is_available() else 1)"
             "trainer.precision=bf16 trainer.channels_last=true"
             "trainer.precision=bf16 trainer.channels_last=true trainer.compile=true")
 else
-  # the last row shows what trainer.keep_heap (flexexp/runtime.py) gains on a CPU
+  # the last rows show what trainer.keep_heap (flexexp/runtime.py) gains on a CPU: once
+  # lent to the reference loop too (run in the benchmark's process), once turned off
   settings=("trainer.precision=fp32" "trainer.precision=fp32 trainer.channels_last=true"
             "trainer.precision=bf16" "trainer.precision=bf16 trainer.channels_last=true"
+            "trainer.precision=fp32 --reference-process shared"
             "trainer.precision=fp32 trainer.keep_heap=false")
 fi
 first=1
@@ -33,11 +35,12 @@ done
 python - "$out" <<'PY'
 import json, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]
-cols = ["precision", "channels_last", "keep_heap", "compute bound img/s", "harness img/s",
-        "reference img/s", "harness/compute", "harness/reference"]
+cols = ["precision", "channels_last", "keep_heap", "reference process", "compute bound img/s",
+        "harness img/s", "reference img/s", "harness/compute", "harness/reference"]
 print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
 for r in rows:
     cells = [r["precision"], str(r["channels_last"]).lower(), str(r.get("keep_heap")).lower(),
+             r.get("reference_process", "shared"),
              f"{r['compute_bound_img_s']:.0f}", f"{r['harness_img_s']:.0f}",
              f"{r['reference_img_s']:.0f}", f"{r['harness_over_compute']:.3f}",
              f"{r['harness_over_reference']:.2f}"]

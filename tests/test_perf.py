@@ -53,6 +53,10 @@ def test_bench_prints_a_table_and_a_json_last_line(tmp_path):
     assert result["flex_overhead"] == result["variant_heads_overhead"]["flex"]
     assert result["sac_overhead"] is None
     assert "harness / compute_bound" in proc.stdout and "start-up to first step" in proc.stdout
+    # the reference loop ran in its own process, without the harness's allocator setting
+    assert result["reference_process"] == "own" and "(reference in its own process)" in proc.stdout
+    assert result["keep_heap"] is True and result["reference_keep_heap"] is False
+    assert result["reference_peak_rss_mb"] > 0
 
 
 def test_variants_are_timed_with_their_bases():
@@ -66,11 +70,35 @@ def test_variants_are_timed_with_their_bases():
 @pytest.mark.slow
 def test_bench_times_a_base_asked_for_alone(tmp_path):
     proc = run_cli(["--rounds", "2", "--warmup", "0", "--workers", "0", "--no-startup",
-                    "--variants", "avg", *TINY], cwd=tmp_path, module="flexexp.bench")
+                    "--variants", "avg", "--reference-process", "shared", *TINY],
+                   cwd=tmp_path, module="flexexp.bench")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["variant_step_s"]) == {"avg"} and result["variant_step_s"]["avg"] > 0
     assert "variant_overhead" not in result and result["startup_s"] is None
+    # the reference loop ran here: no process of its own to report on
+    assert result["reference_process"] == "shared" and "reference_keep_heap" not in result
+    assert result["reference_img_s"] > 0
+
+
+def test_reference_process_that_fails_gives_a_clear_error():
+    # the child composes its own config: a bad one makes it exit before it is ready
+    with pytest.raises(bench.FlexexpError, match=r"reference loop's process exited \(code 2\)"
+                                                 r".*--reference-process shared"):
+        bench.ReferenceProcess([*TINY, "dataset=nope"], 64, 0)
+
+
+def test_reference_process_steps_on_request_and_times_in_the_child():
+    ref = bench.ReferenceProcess(TINY, 64, 0)
+    try:
+        ref.run(1)  # untimed
+        ref.time(2, torch.device("cpu"))
+        assert len(ref.step_times) == 1 and ref.step_times[0] > 0
+        assert ref.img_s == pytest.approx(64 / ref.step_times[0])
+    finally:
+        ref.close()
+    assert ref.proc.returncode == 0
+    assert ref.info["keep_heap"] is False and ref.info["peak_rss_mb"] > 0
 
 
 def test_bench_rejects_bad_arguments(tmp_path):
