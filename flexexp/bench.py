@@ -2,8 +2,8 @@
 
     python -m flexexp.bench [--rounds 10] [--steps 1] [overrides as for flexexp.train]
 
-Measures, in one process and alternating between them round by round (so machine noise
-hits all alike), images per second of:
+Measures, alternating between them round by round (so machine noise hits all alike),
+images per second of:
 
 1. ``compute_bound``: forward, backward and optimiser step on one batch already on the
    device (the limit for this model, precision and memory format);
@@ -448,6 +448,8 @@ def _bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmu
         "harness_over_compute": by["compute_bound"].step_s / by["harness"].step_s,
         "harness_over_reference": by["reference"].step_s / by["harness"].step_s,
         "variant_step_s": {n: m.step_s for n, m in variant_modes.items()},
+        # every round's images/s per mode, in the order the rounds ran
+        "round_img_s": {m.name: [m.images_per_step / t for t in m.step_times] for m in modes},
     }
     if pairs:
         out["variant_base"] = {n: VARIANTS[n][1] for n, *_ in pairs}

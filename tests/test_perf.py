@@ -57,6 +57,11 @@ def test_bench_prints_a_table_and_a_json_last_line(tmp_path):
     assert result["reference_process"] == "own" and "(reference in its own process)" in proc.stdout
     assert result["keep_heap"] is True and result["reference_keep_heap"] is False
     assert result["reference_peak_rss_mb"] > 0
+    # one number per round and mode; the summary is images over the modes' total time
+    rounds = result["round_img_s"]
+    assert set(rounds) == {"compute_bound", "harness", "reference"}
+    assert len(rounds["reference"]) == 1
+    assert result["reference_img_s"] == pytest.approx(rounds["reference"][0])
 
 
 def test_variants_are_timed_with_their_bases():
