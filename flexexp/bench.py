@@ -12,10 +12,10 @@ images per second of:
 3. ``reference``: the loop the paper's authors published: a dataset of PIL images with
    per-image RandomHorizontalFlip and RandomAffine scaling, ToTensor, Normalize, a
    DataLoader with worker processes, fp32 NCHW. By default it runs in a process of its
-   own, started as the authors' script would be, without the harness's process settings
-   (``trainer.keep_heap``), and steps when the benchmark tells it to, so the rounds still
-   alternate; ``--reference-process shared`` runs it inside the benchmark's process
-   instead, where it gets those settings too;
+   own with the same threads and determinism but without ``trainer.keep_heap`` (glibc's
+   default allocator, as the authors' script runs), and steps when the benchmark tells
+   it to, so the rounds still alternate; ``--reference-process shared`` runs it inside
+   the benchmark's process instead, where it shares the harness's allocator setting;
 
 plus the step time of each pooling variant relative to avg pooling and of SAC relative
 to the same pool without it (each timed in adjacent pairs of steps; plus the same
@@ -32,6 +32,7 @@ import contextlib
 import json
 import os
 import resource
+import select
 import statistics
 import subprocess
 import sys
@@ -247,43 +248,75 @@ def _reference_mode(cfg: DictConfig, arrays, device: torch.device, workers: int)
 
 
 class ReferenceProcess(Mode):
-    """The reference loop in a child process, stepped over a pipe.
+    """The reference loop in a child process, stepped on request.
 
-    The child (``python -m flexexp.bench --serve-reference <overrides>``) builds the loop
-    in a fresh interpreter with torch's defaults plus the configured threads and
+    The child (``python -m flexexp.bench --serve-reference FD <overrides>``) builds the
+    loop in a fresh interpreter with torch's defaults plus the configured threads and
     determinism, but not ``trainer.keep_heap``: the authors' loop runs with glibc's
-    default allocator. It times its own steps (between device syncs), so the pipe's
-    round trip is not in the numbers. While the benchmark times the other modes the
-    child waits on the pipe, as an in-process loop would wait for its turn.
+    default allocator. Requests go to its stdin; replies come back on a pipe of their
+    own (file descriptor ``FD``), so nothing the child or its libraries print can get in
+    their way. The child times its own steps (between device syncs), so the round trip
+    is not in the numbers. While the benchmark times the other modes the child waits on
+    its stdin, as an in-process loop would wait for its turn.
     """
-
-    PREFIX = "flexexp-bench-reference:"
 
     def __init__(self, overrides: list[str], images_per_step: int, workers: int) -> None:
         super().__init__("reference", self._run, images_per_step)
-        cmd = [sys.executable, "-m", "flexexp.bench", "--serve-reference",
-               "--workers", str(workers), *overrides]
-        # stderr is inherited: the child's warnings and errors reach the user directly
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
         self.info: dict = {}  # the child's peak_rss_mb and keep_heap, sent as it quits
-        self._ask("ready")
+        self._buf = b""
+        read_fd, write_fd = os.pipe()
+        try:
+            # the child's own output (warnings, errors) goes to the inherited stderr
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "flexexp.bench", "--serve-reference", str(write_fd),
+                 "--workers", str(workers), *overrides],
+                stdin=subprocess.PIPE, pass_fds=(write_fd,), text=True, bufsize=1)
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)  # the child holds its copy: end-of-file when it exits
+        self._fd = read_fd
+        try:
+            batch = int(self._reply("ready").split()[-1])
+        except BaseException:
+            self.close(ask=False)
+            raise
+        if batch != images_per_step:
+            self.close()
+            raise FlexexpError(
+                f"the reference loop's process built batches of {batch} images where this "
+                f"benchmark expects {images_per_step}; pass the same overrides to both.")
+
+    def _reply(self, request: str, timeout: float | None = None) -> str:
+        """The child's next reply line; a clear error if it dies before giving one."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buf:
+            if select.select([self._fd], [], [], 1.0)[0]:
+                chunk = os.read(self._fd, 1 << 16)
+                if not chunk:  # end of file: the child (and its workers) exited
+                    break
+                self._buf += chunk
+            elif self.proc.poll() is not None or (deadline and time.monotonic() > deadline):
+                break
+        else:
+            line, self._buf = self._buf.split(b"\n", 1)
+            return line.decode()
+        code = self.proc.poll()
+        why = ("is still running but did not answer" if code is None else
+               f"was killed by signal {-code} (out of memory? see `dmesg`)" if code < 0 else
+               f"exited with code {code}; its error is printed above")
+        raise FlexexpError(
+            f"the reference loop's process {why} (asked {request!r}). Run with "
+            "--reference-process shared to time the reference loop inside this process.")
 
     def _ask(self, request: str) -> str:
         try:
-            if request != "ready":
-                self.proc.stdin.write(request + "\n")
-                self.proc.stdin.flush()
-            for line in self.proc.stdout:  # lines without the prefix are not ours
-                if line.startswith(self.PREFIX):
-                    return line[len(self.PREFIX):].strip()
-        except (BrokenPipeError, OSError):
+            self.proc.stdin.write(request + "\n")
+            self.proc.stdin.flush()
+        except OSError:  # a broken pipe: the child is gone; _reply says how
             pass
-        code = self.proc.wait()
-        raise FlexexpError(
-            f"the reference loop's process exited (code {code}) while asked {request!r}; "
-            "its error is printed above. Run with --reference-process shared to time the "
-            "reference loop inside this process instead.")
+        return self._reply(request)
 
     def _run(self, n: int) -> None:
         self._ask(f"run {n}")
@@ -291,44 +324,62 @@ class ReferenceProcess(Mode):
     def time(self, steps: int, device: torch.device) -> None:
         self.step_times.append(float(self._ask(f"time {steps}")) / steps)
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
+    def close(self, ask: bool = True) -> None:
+        """Ask the child to quit (it sends its peak memory), reap it, close the pipes."""
+        if self._fd is None:
+            return
+        if ask and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
             with contextlib.suppress(FlexexpError, ValueError):
-                self.info = json.loads(self._ask("quit"))
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                # after an interrupted request an older reply may come first
+                for _ in range(3):
+                    info = json.loads(self._reply("quit", timeout=30))
+                    if isinstance(info, dict):
+                        self.info = info
+                        break
+        try:
+            self.proc.wait(timeout=30 if ask else 0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        os.close(self._fd)
+        self._fd = None
 
 
-def serve_reference(cfg: DictConfig, workers: int) -> int:
+def serve_reference(cfg: DictConfig, workers: int, reply_fd: int) -> int:
     """The child side of :class:`ReferenceProcess`: answer requests on stdin until ``quit``."""
+    os.dup2(2, 1)  # the parent's stdout carries its own results: print to stderr instead
+    replies = os.fdopen(reply_fd, "w", buffering=1)
     validate(cfg)
     device = resolve_device(cfg.trainer.device)
     # the authors' loop gets the threads and determinism it is compared at, not the
     # harness's allocator setting
     configure_process(OmegaConf.merge(cfg.trainer, {"keep_heap": False}), device)
     mode = _reference_mode(cfg, load_arrays(OmegaConf.to_object(cfg.dataset)), device, workers)
-    out = sys.stdout
 
     def reply(value: object) -> None:
-        out.write(f"{ReferenceProcess.PREFIX}{value}\n")
-        out.flush()
+        replies.write(f"{value}\n")
+        replies.flush()
 
-    sys.stdout = sys.stderr  # anything else printed must not reach the pipe
-    reply("ready")
-    for line in sys.stdin:
-        verb, _, arg = line.strip().partition(" ")
-        if verb == "run":
-            mode.run(int(arg))
-            reply("done")
-        elif verb == "time":
-            mode.time(int(arg), device)
-            reply(mode.step_times[-1] * int(arg))
-        else:
-            break
-    reply(json.dumps({"peak_rss_mb": peak_rss_mb(), "keep_heap": heap_kept()}))
+    try:
+        reply(f"ready {mode.images_per_step}")
+        for line in sys.stdin:
+            verb, _, arg = line.strip().partition(" ")
+            if verb == "run":
+                mode.run(int(arg))
+                reply("done")
+            elif verb == "time":
+                mode.time(int(arg), device)
+                reply(mode.step_times[-1] * int(arg))
+            else:
+                break
+        reply(json.dumps({"peak_rss_mb": peak_rss_mb(), "keep_heap": heap_kept()}))
+    except (BrokenPipeError, KeyboardInterrupt):  # the parent is gone or stopping
+        return 1
     return 0
 
 
@@ -547,7 +598,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the reference loop in a process of its own, as the authors' "
                          "script runs (default), or inside this one, where it shares the "
                          "harness's process settings (trainer.keep_heap)")
-    ap.add_argument("--serve-reference", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-reference", type=int, metavar="FD", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="Hydra overrides, as for flexexp.train")
     args = ap.parse_intermixed_args(argv)
     variants = [v for v in args.variants.split(",") if v]
@@ -560,8 +611,8 @@ def main(argv: list[str] | None = None) -> int:
                                "--startup-probes >= 0")
         check_overrides(args.overrides)
         cfg = compose_config(args.overrides)
-        if args.serve_reference:
-            return serve_reference(cfg, args.workers)
+        if args.serve_reference is not None:
+            return serve_reference(cfg, args.workers, args.serve_reference)
         result = bench(cfg, args.overrides, args.rounds, args.steps, args.warmup, args.workers,
                        variants, 0 if args.no_startup else args.startup_probes,
                        reference_process=args.reference_process)

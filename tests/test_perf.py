@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -88,22 +89,37 @@ def test_bench_times_a_base_asked_for_alone(tmp_path):
 
 def test_reference_process_that_fails_gives_a_clear_error():
     # the child composes its own config: a bad one makes it exit before it is ready
-    with pytest.raises(bench.FlexexpError, match=r"reference loop's process exited \(code 2\)"
+    with pytest.raises(bench.FlexexpError, match=r"reference loop's process exited with code 2"
                                                  r".*--reference-process shared"):
         bench.ReferenceProcess([*TINY, "dataset=nope"], 64, 0)
+
+
+def test_reference_process_checks_its_batch_size():
+    with pytest.raises(bench.FlexexpError, match="batches of 64 images where this benchmark "
+                                                 "expects 32"):
+        bench.ReferenceProcess(TINY, 32, 0)
 
 
 def test_reference_process_steps_on_request_and_times_in_the_child():
     ref = bench.ReferenceProcess(TINY, 64, 0)
     try:
         ref.run(1)  # untimed
+        t0 = time.perf_counter()
         ref.time(2, torch.device("cpu"))
-        assert len(ref.step_times) == 1 and ref.step_times[0] > 0
-        assert ref.img_s == pytest.approx(64 / ref.step_times[0])
+        wall = time.perf_counter() - t0
+        # the child's time for both steps, divided by 2: within the round trip's wall time
+        assert len(ref.step_times) == 1 and 0 < 2 * ref.step_times[0] <= wall
     finally:
         ref.close()
     assert ref.proc.returncode == 0
     assert ref.info["keep_heap"] is False and ref.info["peak_rss_mb"] > 0
+    ref.close()  # a second close does nothing
+
+
+def test_throughput_is_images_over_total_time():
+    mode = bench.Mode("m", lambda n: None, images_per_step=10)
+    mode.step_times = [1.0, 3.0]
+    assert mode.img_s == 5.0  # 20 images in 4 s, not the mean of 10 and 3.3 images/s
 
 
 def test_bench_rejects_bad_arguments(tmp_path):
