@@ -520,14 +520,14 @@ def _bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmu
             sac = [v for n, v in table.items() if n.endswith("+sac")]
             out[f"flex_overhead{key}"] = max(flex) if flex else None
             out[f"sac_overhead{key}"] = max(sac) if sac else None
+    if isinstance(reference, ReferenceProcess):
+        reference.close()  # before the start-up probes: they get the machine to themselves
+        out["reference_keep_heap"] = reference.info.get("keep_heap")
+        out["reference_peak_rss_mb"] = reference.info.get("peak_rss_mb")
     probes = measure_startup(overrides, bs, startup_probes) if startup_probes else []
     out["startup_s"] = statistics.median(probes) if probes else None
     out["startup_probes_s"] = probes
     out["peak_rss_mb"] = peak_rss_mb()
-    if isinstance(reference, ReferenceProcess):
-        reference.close()
-        out["reference_keep_heap"] = reference.info.get("keep_heap")
-        out["reference_peak_rss_mb"] = reference.info.get("peak_rss_mb")
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
