@@ -29,6 +29,7 @@ from flexexp.data.loader import Augment, DeviceLoader
 from flexexp.data.sources import load_arrays
 from flexexp.errors import ConfigError, DivergenceError, FlexexpError
 from flexexp.models import CifarResNet
+from flexexp.optim import Adam
 from flexexp.runtime import heap_kept, keep_heap
 from flexexp.tracking import (
     CELL_FILE,
@@ -135,11 +136,13 @@ def build_model(cfg: DictConfig) -> CifarResNet:
     )
 
 
-def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer | Adam:
     o = cfg.optim
     if o.name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas),
-                                weight_decay=o.weight_decay)
+        # torch.optim.Adam's arithmetic and state format, without importing TorchDynamo
+        # at start-up (flexexp/optim.py)
+        return Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas),
+                    weight_decay=o.weight_decay)
     if o.name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
                                nesterov=o.nesterov, weight_decay=o.weight_decay)
