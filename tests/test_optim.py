@@ -96,3 +96,24 @@ def test_the_trainer_reaches_its_first_step_without_torchdynamo(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == {"dynamo": False, "optimizer": "flexexp.optim"}
+
+
+def test_grad_scaler_skips_a_step_with_inf_gradients_and_takes_the_next():
+    # the fp16 path: torch.amp.GradScaler unscales through param_groups and calls step()
+    model = _model()
+    opt = Adam(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert opt.state == {} and scaler.get_scale() == 2.0**9  # skipped, scale halved
+    opt.zero_grad()
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert all(float(st["step"]) == 1.0 for st in opt.state.values())
