@@ -52,6 +52,7 @@ from flexexp.runtime import heap_kept
 from flexexp.trainer import (
     Counters,
     TrainStep,
+    autocast_for,
     build_model,
     configure_process,
     learning_rate,
@@ -110,13 +111,19 @@ def with_bases(names: list[str]) -> list[str]:
     return out
 
 
-def _fixed_batch_mode(name: str, cfg: DictConfig, x: torch.Tensor, y: torch.Tensor,
-                      device: torch.device) -> Mode:
-    """Train steps on one batch already on the device: the compute bound."""
+def _bench_model(cfg: DictConfig, device: torch.device):
+    """The config's model in training mode, seeded as the trainer seeds it, with its
+    autocast dtype and memory format."""
     amp = resolve_precision(cfg.trainer.precision, device)
     fmt = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device, memory_format=fmt).train()
+    return build_model(cfg).to(device, memory_format=fmt).train(), amp, fmt
+
+
+def _fixed_batch_mode(name: str, cfg: DictConfig, x: torch.Tensor, y: torch.Tensor,
+                      device: torch.device) -> Mode:
+    """Train steps on one batch already on the device: the compute bound."""
+    model, amp, fmt = _bench_model(cfg, device)
     step = TrainStep(cfg, model, device, amp)
     xb = x.contiguous(memory_format=fmt)
     lr = float(cfg.optim.lr) / 25  # any constant: the cost does not depend on it
@@ -135,12 +142,8 @@ def heads_step_s(cfg: DictConfig, x: torch.Tensor, device: torch.device, reps: i
     adds a SAC head's gradient to that of the next stage). Shares no time with the
     stages, so it is far less noisy than a whole step.
     """
-    amp = resolve_precision(cfg.trainer.precision, device)
-    autocast = (torch.autocast(device.type, dtype=amp) if amp is not None
-                else contextlib.nullcontext())
-    fmt = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device, memory_format=fmt).train()
+    model, amp, fmt = _bench_model(cfg, device)
+    autocast = autocast_for(device, amp)
     with torch.no_grad(), autocast:
         feats = [f.detach().requires_grad_()
                  for f in model.forward_features(x.contiguous(memory_format=fmt))]
@@ -165,10 +168,7 @@ def heads_step_s(cfg: DictConfig, x: torch.Tensor, device: torch.device, reps: i
 def _harness_mode(cfg: DictConfig, arrays, device: torch.device) -> Mode:
     """The trainer's own path: DeviceLoader -> learning_rate -> TrainStep -> Counters."""
     t, d = cfg.trainer, cfg.dataset
-    amp = resolve_precision(t.precision, device)
-    fmt = torch.channels_last if t.channels_last else torch.contiguous_format
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg).to(device, memory_format=fmt).train()
+    model, amp, fmt = _bench_model(cfg, device)
     step = TrainStep(cfg, model, device, amp)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
     aug = Augment(flip=d.flip, scale=(d.scale[0], d.scale[1]), translate=d.translate)
@@ -229,9 +229,8 @@ def _reference_mode(cfg: DictConfig, arrays, device: torch.device, workers: int)
                         pin_memory=device.type == "cuda")
     ref_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "fp32", "channels_last": False,
                                                 "compile": False}})
-    torch.manual_seed(cfg.seed)
-    model = build_model(ref_cfg).to(device).train()
-    step = TrainStep(ref_cfg, model, device, None)
+    model, amp, _ = _bench_model(ref_cfg, device)  # fp32 (amp None), NCHW
+    step = TrainStep(ref_cfg, model, device, amp)
 
     def batches() -> Iterator:
         while True:

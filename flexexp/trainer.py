@@ -48,7 +48,7 @@ from flexexp.tracking import (
 log = logging.getLogger(__name__)
 
 __all__ = ["run", "task", "onecycle_lr", "resolve_device", "build_model", "evaluate", "TrainStep",
-           "Dist", "configure_process"]
+           "Dist", "configure_process", "autocast_for"]
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -108,6 +108,13 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
             return torch.bfloat16
         return None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def autocast_for(device: torch.device,
+                 amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """The autocast context of a precision (a no-op for fp32)."""
+    return (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+            else contextlib.nullcontext())
 
 
 def configure_process(t: DictConfig, device: torch.device) -> None:
@@ -414,8 +421,7 @@ class TrainStep:
         self.model, self.device = model, device
         self.optimizer = build_optimizer(cfg, model)
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        self.autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                         else contextlib.nullcontext())
+        self.autocast = autocast_for(device, amp_dtype)
         weights = list(cfg.sac.weights) if cfg.sac.enabled else [1.0]
         self.head_weights = weights
         self.head_w = torch.tensor(weights, device=device)
