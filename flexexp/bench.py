@@ -321,7 +321,7 @@ class ReferenceProcess(Mode):
         self._ask(f"run {n}")
 
     def time(self, steps: int, device: torch.device) -> None:
-        self.step_times.append(float(self._ask(f"time {steps}")) / steps)
+        self.step_times.append(float(self._ask(f"time {steps}")))  # seconds per step
 
     def close(self, ask: bool = True) -> None:
         """Ask the child to quit (it sends its peak memory), reap it, close the pipes."""
@@ -361,8 +361,7 @@ def serve_reference(cfg: DictConfig, workers: int, reply_fd: int) -> int:
     mode = _reference_mode(cfg, load_arrays(OmegaConf.to_object(cfg.dataset)), device, workers)
 
     def reply(value: object) -> None:
-        replies.write(f"{value}\n")
-        replies.flush()
+        replies.write(f"{value}\n")  # line-buffered: sent at the newline
 
     try:
         reply(f"ready {mode.images_per_step}")
@@ -373,7 +372,7 @@ def serve_reference(cfg: DictConfig, workers: int, reply_fd: int) -> int:
                 reply("done")
             elif verb == "time":
                 mode.time(int(arg), device)
-                reply(mode.step_times[-1] * int(arg))
+                reply(mode.step_times[-1])
             else:
                 break
         reply(json.dumps({"peak_rss_mb": peak_rss_mb(), "keep_heap": heap_kept()}))
