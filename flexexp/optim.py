@@ -30,6 +30,14 @@ _UPDATE_KWARGS = set(inspect.signature(_adam_update).parameters)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def _check_group(group: dict[str, Any]) -> None:
+    """Refuse the options :meth:`Adam.step` does not implement (torch.optim.Adam's
+    defaults are all off), whether set at construction or by a loaded state dict."""
+    for key in ("amsgrad", "maximize", "capturable", "differentiable", "fused"):
+        if group.get(key):
+            raise ValueError(f"Adam does not support {key}=True")
+
+
 class Adam:
     """``torch.optim.Adam(params, lr, betas, eps, weight_decay)`` for one parameter group."""
 
@@ -41,9 +49,7 @@ class Adam:
             raise ValueError("Adam got an empty parameter list")
         group = {**_GROUP_DEFAULTS, "lr": lr, "betas": tuple(betas), "eps": eps,
                  "weight_decay": weight_decay}
-        for key in ("amsgrad", "maximize", "capturable", "differentiable", "fused"):
-            if group.get(key):  # not what torch.optim.Adam defaults to: not covered here
-                raise ValueError(f"Adam does not support {key}=True")
+        _check_group(group)
         self.param_groups: list[dict[str, Any]] = [{"params": params, **group}]
         self.state: dict[torch.nn.Parameter, dict[str, torch.Tensor]] = {}
 
@@ -114,6 +120,7 @@ class Adam:
                                  f"{sorted({'step', *_STATE_KEYS} - set(st))}")
             state[p] = {"step": st["step"].detach().clone(),
                         **{k: st[k].detach().to(p.device, p.dtype).clone() for k in _STATE_KEYS}}
+        loaded = {k: v for k, v in groups[0].items() if k != "params" and k in self.param_groups[0]}
+        _check_group(loaded)
         self.state = state
-        self.param_groups[0].update(
-            {k: v for k, v in groups[0].items() if k != "params" and k in self.param_groups[0]})
+        self.param_groups[0].update(loaded)

@@ -77,6 +77,15 @@ def test_loading_a_state_of_another_model_is_refused():
         opt.load_state_dict(other.state_dict())
 
 
+def test_a_state_with_options_it_does_not_implement_is_refused():
+    model = _model()
+    ref = torch.optim.Adam(model.parameters(), amsgrad=True)
+    opt = Adam(model.parameters())
+    with pytest.raises(ValueError, match="does not support amsgrad=True"):
+        opt.load_state_dict(ref.state_dict())
+    assert opt.param_groups[0]["amsgrad"] is False and opt.state == {}
+
+
 def test_the_trainer_reaches_its_first_step_without_torchdynamo(tmp_path):
     # torch.optim.Optimizer imports TorchDynamo (~1.5 s of start-up); our Adam does not
     code = (
