@@ -290,10 +290,12 @@ class ReferenceProcess(Mode):
     def _reply(self, request: str, timeout: float | None = None) -> str:
         """The child's next reply line; a clear error if it dies before giving one."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        eof = False
         while b"\n" not in self._buf:
             if select.select([self._fd], [], [], 1.0)[0]:
                 chunk = os.read(self._fd, 1 << 16)
                 if not chunk:  # end of file: the child (and its workers) exited
+                    eof = True
                     break
                 self._buf += chunk
             elif self.proc.poll() is not None or (deadline and time.monotonic() > deadline):
@@ -302,6 +304,9 @@ class ReferenceProcess(Mode):
             line, self._buf = self._buf.split(b"\n", 1)
             return line.decode()
         code = self.proc.poll()
+        if code is None and eof:  # the pipe closes a moment before the exit status is known
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                code = self.proc.wait(timeout=10)
         why = ("is still running but did not answer" if code is None else
                f"was killed by signal {-code} (out of memory? see `dmesg`)" if code < 0 else
                f"exited with code {code}; its error is printed above")

@@ -34,7 +34,7 @@ __all__ = [
     "DOWNSAMPLE_OPTIONS",
 ]
 
-VALID_DEPTHS = (20, 32, 44, 56, 110)
+VALID_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 STAGE_WIDTHS = (16, 32, 64)
 #: ``model.downsample`` values: the strided conv of He et al., or a local pool by name.
 DOWNSAMPLE_OPTIONS = ("stride", *LOCAL_POOLS)
@@ -234,7 +234,7 @@ class CifarResNet(nn.Module):
 
 
 def resnet(depth: int = 20, **kwargs) -> CifarResNet:
-    """A CIFAR ResNet of the given depth (20, 32, 44, 56 or 110); see :class:`CifarResNet`."""
+    """A CIFAR ResNet of depth 6n+2 in VALID_DEPTHS; see :class:`CifarResNet`."""
     return CifarResNet(depth=depth, **kwargs)
 
 

@@ -47,7 +47,7 @@ def test_greyscale_and_small_inputs():
     assert m.stage_shapes == [(16, 8, 8), (32, 4, 4), (64, 2, 2)]
 
 
-@pytest.mark.parametrize("depth", [20, 32, 44, 56])
+@pytest.mark.parametrize("depth", [8, 14, 20, 32, 44, 56])
 def test_depths(depth):
     m = resnet(depth)
     convs = sum(isinstance(x, torch.nn.Conv2d) for x in m.modules())
