@@ -8,9 +8,18 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import DictConfig
 
 from flexexp.config import compose_config
+
+# Under pytest-xdist (scripts/test.sh) each worker takes its share of the CPUs: two
+# workers with torch's default of one thread per CPU each would oversubscribe the
+# machine, and OpenMP threads that wait for a busy core slow a step several times over.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (_cpus or 1) // _WORKERS))
 
 REPO = Path(__file__).resolve().parent.parent
 
