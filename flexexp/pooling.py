@@ -94,10 +94,13 @@ class FlexPool2d(nn.Module):
     ``regularization()`` returns Eq. 2 of the paper for the effective weights,
     ``R = sum_c (sum_{i,j} W[c, i, j] - 1)^2`` (zero for the softmax form by
     construction, and zero at initialisation for both).
+
+    ``device`` and ``dtype`` place the weight as torch's own layers do.
     """
 
     def __init__(
-        self, channels: int, height: int, width: int, normalize: str | None = None
+        self, channels: int, height: int, width: int, normalize: str | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if normalize not in (None, "softmax"):
@@ -110,7 +113,10 @@ class FlexPool2d(nn.Module):
         self.channels, self.height, self.width = channels, height, width
         self.normalize = normalize
         init = 0.0 if normalize == "softmax" else 1.0 / (height * width)
-        self.weight = nn.Parameter(torch.full((channels, height, width), init))
+        # built in its final dtype (as torch's layers take ``device``/``dtype``): a float32
+        # 1/(H*W) converted with .double() afterwards would keep float32's rounding of it
+        self.weight = nn.Parameter(
+            torch.full((channels, height, width), init, device=device, dtype=dtype))
 
     def effective_weight(self) -> Tensor:
         """The weights applied to the feature map, ``(C, H, W)``."""

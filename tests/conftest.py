@@ -52,6 +52,39 @@ def run_cli(args: list[str], cwd: Path, module: str = "flexexp.train",
                           capture_output=True, text=True, timeout=timeout)
 
 
+#: Code for :func:`start_train`: SIGKILL the run at the third batch of its second epoch,
+#: right after its first checkpoint, at the same step on any machine however fast (a
+#: timed kill can land after a fast machine has finished the run).
+KILL_MID_EPOCH_2 = """
+import os, signal
+import flexexp.tracking as tracking
+from flexexp.data.loader import DeviceLoader
+_saved = {"n": 0}
+_real_write, _real_iter = tracking.atomic_write_bytes, DeviceLoader.__iter__
+def _counting_write(path, data):
+    _real_write(path, data)
+    if str(path).endswith("last.pt"):
+        _saved["n"] += 1
+def _dying_iter(self):
+    for i, batch in enumerate(_real_iter(self)):
+        if self.train and _saved["n"] >= 1 and i == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+tracking.atomic_write_bytes = _counting_write
+DeviceLoader.__iter__ = _dying_iter
+"""
+
+
+def start_train(args: list[str], cwd: Path, extra_code: str = "") -> subprocess.Popen:
+    """Start ``python -m flexexp.train args`` in the background, with ``extra_code`` run
+    first in the same process (fault injection: see :data:`KILL_MID_EPOCH_2`)."""
+    code = f"{extra_code}\nimport sys\nsys.argv = ['flexexp.train', *{args!r}]\n" \
+           "from flexexp.train import main\nmain()\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.fixture
 def cfg_factory():
     return make_cfg

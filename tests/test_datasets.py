@@ -99,9 +99,14 @@ def test_round_trip_keeps_images_labels_and_shapes(written, name):
         border[:, :, 2:30, 2:30] = 0
         assert border.sum() == 0
     else:  # JPEG and 64 -> 32 resizing: each image keeps its class's colour
+        # Lossy, and how lossy depends on the JPEG library, so the contract is the one a
+        # label needs: every image's mean colour is nearer its own class's colour than any
+        # other class's (the classes are >= 82 levels apart in some channel; JPEG at
+        # quality 95 moves a flat image's mean by a few levels).
+        palette = torch.tensor(TINY_COLOURS, dtype=torch.float64)
         for x, y in ((arrays.x_train, arrays.y_train), (arrays.x_test, arrays.y_test)):
-            colours = torch.tensor(TINY_COLOURS, dtype=torch.float32)[y]
-            assert (x.float().mean((2, 3)) - colours).abs().max() < 8
+            dist = torch.cdist(x.double().mean((2, 3)), palette)  # (N, classes)
+            assert torch.equal(dist.argmin(1), y)
 
 
 def test_subsample_is_seeded_and_sized(written):

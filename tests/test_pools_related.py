@@ -3,10 +3,13 @@ of the ResNet, the config keys and presets, and (slow) training on digits."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_cfg
+from helpers import assert_within, softmax_sum_bound, sum_error_bound
 
 from flexexp.config import validate
 from flexexp.errors import ConfigError
@@ -43,6 +46,12 @@ def max2(x: torch.Tensor) -> torch.Tensor:
     return F.max_pool2d(x, 2, 2, ceil_mode=True)
 
 
+def avg2_bound(x: torch.Tensor) -> torch.Tensor:
+    """Two 2x2 window means of ``x`` computed in different orders differ by at most
+    twice the error bound of a 4-term sum and its division: ``2 gamma_5 mean|x|``."""
+    return 2 * sum_error_bound(avg2(x.detach().abs().double()), 5, x.dtype)
+
+
 # ---------------------------------------------------------------------------- GFGP
 
 
@@ -51,11 +60,17 @@ def test_gfgp_with_lambda_zero_is_average_pooling(shape):
     torch.manual_seed(0)
     x = torch.randn(*shape) * 3 + 1
     local = GFGPPool2x2(shape[1])
-    torch.testing.assert_close(local.pool_with_lambda(x, 0.0), avg2(x), atol=1e-6, rtol=0)
-    torch.testing.assert_close(local.pool_with_lambda(x, torch.zeros(shape[:2])), avg2(x),
-                               atol=1e-6, rtol=0)
+    # lam = 0: every exp is exp(0) = 1, so avgpool(x * 1) / avgpool(1) is avg2(x) / 1: the
+    # same kernel on the same numbers, bit for bit
+    assert torch.equal(local.pool_with_lambda(x, 0.0), avg2(x))
+    assert torch.equal(local.pool_with_lambda(x, torch.zeros(shape[:2])), avg2(x))
+    # global: softmax(0) = fl(1/n), then an inner product of length n (as FlexPool at init)
     glob = GlobalGFGP2d(shape[1])
-    torch.testing.assert_close(glob.pool_with_lambda(x, 0.0), x.mean((2, 3)), atol=1e-6, rtol=0)
+    n, x64 = shape[2] * shape[3], x.double()
+    abs_mean = x64.abs().mean((2, 3))
+    bound = sum_error_bound(abs_mean, n + 3, x.dtype) + sum_error_bound(abs_mean, n + 1,
+                                                                         torch.float64)
+    assert_within(glob.pool_with_lambda(x, 0.0), x64.mean((2, 3)), bound, "GFGP lam=0")
 
 
 @pytest.mark.parametrize("shape", SIZES)
@@ -63,29 +78,41 @@ def test_gfgp_with_large_lambda_approaches_max_pooling(shape):
     torch.manual_seed(1)
     x = torch.randn(*shape)
     local, glob = GFGPPool2x2(shape[1]), GlobalGFGP2d(shape[1])
-    # the gap to the max shrinks as lambda grows: at lambda=1e3 it is below 1e-3 here
+    # the gap to the max shrinks as lambda grows
     gaps = [(local.pool_with_lambda(x, lam) - max2(x)).abs().max().item() for lam in (1, 10, 1e3)]
-    assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-3
-    torch.testing.assert_close(glob.pool_with_lambda(x, 1e3), x.amax((2, 3)), atol=1e-3, rtol=0)
+    assert gaps[0] > gaps[1] > gaps[2]
+    # and is bounded: max - y = sum_q p_q (max - x_q) with p_q <= exp(-lam (max - x_q)),
+    # and t exp(-lam t) <= 1 / (e lam), so over a window of n values the gap is at most
+    # (n - 1) / (e lam); rounding adds the softmax-weighted sum's error
+    lam, big = 1e3, x.abs().max().item()
+    window = (min(2, shape[2]) * min(2, shape[3]))
+    assert gaps[2] <= ((window - 1) / (math.e * lam)
+                       + softmax_sum_bound(big, window, lam * big, x.dtype))
+    n = shape[2] * shape[3]
+    bound = (n - 1) / (math.e * lam) + softmax_sum_bound(big, n, lam * big, x.dtype)
+    assert_within(glob.pool_with_lambda(x, lam), x.amax((2, 3)), bound, "GFGP lam=1e3")
 
 
 def test_gfgp_matches_its_formula_with_the_learnt_lambda():
+    # in float64, against loops that apply the printed formula; lam in (0, 1)
     torch.manual_seed(2)
-    x = torch.randn(2, 4, 4, 6)
-    pool = GFGPPool2x2(4)
+    x = torch.randn(2, 4, 4, 6, dtype=torch.float64)
+    pool = GFGPPool2x2(4).double()
     lam = torch.sigmoid(pool.guide.expand(F.relu(pool.guide.reduce(x.mean((2, 3))))))
-    expected = torch.zeros(2, 4, 2, 3)
+    expected = torch.zeros(2, 4, 2, 3, dtype=torch.float64)
     for b in range(2):
         for c in range(4):
             for i in range(2):
                 for j in range(3):
                     win = x[b, c, 2 * i:2 * i + 2, 2 * j:2 * j + 2].flatten()
                     expected[b, c, i, j] = (win * torch.softmax(lam[b, c] * win, 0)).sum()
-    torch.testing.assert_close(pool(x), expected, atol=1e-6, rtol=1e-6)
-    glob = GlobalGFGP2d(4)
+    big = x.abs().max().item()  # |lam x| <= big: both sides' rounding, in float64
+    assert_within(pool(x), expected, 2 * softmax_sum_bound(big, 4, big, torch.float64), "local")
+    glob = GlobalGFGP2d(4).double()
     lam = glob.guide(x)
     flat = x.flatten(2)
-    torch.testing.assert_close(glob(x), (flat * torch.softmax(lam[..., None] * flat, -1)).sum(-1))
+    assert_within(glob(x), (flat * torch.softmax(lam[..., None] * flat, -1)).sum(-1),
+                  2 * softmax_sum_bound(big, 24, big, torch.float64), "global")
 
 
 def windowed_gfgp(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
@@ -104,16 +131,26 @@ def windowed_gfgp(x: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("shape", SIZES)
 def test_gfgp_local_values_and_gradients_match_the_windowed_softmax(shape):
+    """Both forms in float64. Values: two softmax-weighted sums of a window. Gradients:
+    each is a sum over the (at most 4) window terms of products of g, x, the weights and
+    lam, at most ``(1 + lam max|x|)`` times the value's scale, then dlam sums over the
+    whole map; the bound takes the value's per-term error and those factors."""
     torch.manual_seed(5)
-    x = (torch.randn(*shape) * 2).requires_grad_()
-    lam = (torch.rand(shape[:2]) * 3).requires_grad_()
+    x = (torch.randn(*shape, dtype=torch.float64) * 2).requires_grad_()
+    lam = (torch.rand(shape[:2], dtype=torch.float64) * 3).requires_grad_()
     y, ref = gfgp_local_pool(x, lam), windowed_gfgp(x, lam)
-    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    big, lam_max = x.detach().abs().max().item(), lam.detach().max().item()
+    value = 2 * softmax_sum_bound(big, 4, lam_max * big, torch.float64)
+    assert_within(y, ref, value, "values")
     g = torch.randn_like(y)
     dx, dlam = torch.autograd.grad(y, (x, lam), g)
     rx, rlam = torch.autograd.grad(ref, (x, lam), g)
-    torch.testing.assert_close(dx, rx, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(dlam, rlam, atol=1e-5, rtol=1e-5)
+    g_max, n_map = g.abs().max().item(), shape[2] * shape[3]
+    scale = g_max * (1 + lam_max * big) * (1 + big)
+    per_term = 2 * softmax_sum_bound(scale, 4, lam_max * big, torch.float64)
+    assert_within(dx, rx, 4 * per_term, "d/dx")
+    assert_within(dlam, rlam, n_map * per_term + sum_error_bound(
+        n_map * scale, n_map, torch.float64), "d/dlam")
 
 
 def test_gfgp_guide_sizes_and_range():
@@ -138,9 +175,16 @@ def test_gfgp_gradients_reach_the_mlp(pool):
 def test_gfgp_is_numerically_safe():
     torch.manual_seed(4)
     x = (torch.randn(2, 3, 5, 5) * 1e4).requires_grad_()
-    y = gfgp_local_pool(x, 1e3)  # |lambda x| ~ 1e7: exp would overflow without the max shift
+    lam = 1e3
+    y = gfgp_local_pool(x, lam)  # |lambda x| ~ 1e7: exp would overflow without the max shift
     assert torch.isfinite(y).all()
-    torch.testing.assert_close(y, max2(x), atol=1e-2, rtol=0)
+    # y is a convex combination of its window, close to the max: max - y <= sum_q p_q (max -
+    # x_q) <= 3 e^d / (e lam) (see above), where d <= 3 u lam max|x| is how far rounding
+    # lam x_q (float32 spacing at 1e7 is ~1) can move an exponent; plus the final roundings
+    big = x.detach().abs().max().item()
+    d = 3 * torch.finfo(x.dtype).eps / 2 * lam * big
+    bound = 3 * math.exp(d) / (math.e * lam) + sum_error_bound(big, 8, x.dtype)
+    assert_within(y, max2(x), bound, "GFGP lam=1e3 at |x| ~ 1e4")
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
     g = GlobalGFGP2d(3)
@@ -187,21 +231,26 @@ def test_s3pool_eval_is_the_documented_deterministic_form(shape):
     h, w = shape[2:]
     m = torch.stack([torch.stack([x[:, :, i:i + 2, j:j + 2].amax((2, 3)) for j in range(w)], -1)
                      for i in range(h)], -2)
-    torch.testing.assert_close(max2x2_stride1(x), m)
-    torch.testing.assert_close(y, avg2(m))
-    torch.testing.assert_close(s3pool_eval(x), y)
+    assert torch.equal(max2x2_stride1(x), m)  # max does not round
+    assert torch.equal(y, avg2(m))  # the same kernel on the same numbers
+    assert torch.equal(s3pool_eval(x), y)
 
 
 def test_s3pool_eval_is_the_expected_training_output_for_grid_2():
     torch.manual_seed(7)
-    x = torch.randn(1, 2, 6, 6).expand(20000, 2, 6, 6)  # one image, drawn per sample
-    sampled = S3Pool2x2(2).train()(x).mean(0, keepdim=True)
-    torch.testing.assert_close(sampled, s3pool_eval(x[:1]), atol=0.05, rtol=0)
+    n = 20000
+    x = torch.randn(1, 2, 6, 6).expand(n, 2, 6, 6)  # one image, drawn per sample
+    draws = S3Pool2x2(2).train()(x).double()
+    # a Monte Carlo mean of n independent draws: within 6 standard errors of the
+    # expectation (a false alarm has probability ~2e-9 per position by the CLT)
+    bound = 6 * draws.std(0, keepdim=True) / math.sqrt(n) + sum_error_bound(
+        draws.abs().mean(0, keepdim=True), n, torch.float64)
+    assert_within(draws.mean(0, keepdim=True), s3pool_eval(x[:1]), bound, "E[S3Pool] grid 2")
 
 
 def test_s3pool_with_grid_1_is_max_pooling():
     x = torch.randn(2, 3, 7, 8)
-    torch.testing.assert_close(S3Pool2x2(1).train()(x), max2(x))
+    assert torch.equal(S3Pool2x2(1).train()(x), max2(x))
 
 
 @pytest.mark.parametrize("size,grid", [(8, 2), (8, 4), (7, 3), (16, 16), (5, 2), (9, 4)])
@@ -228,7 +277,10 @@ def test_s3pool_train_is_max2x2_stride1_then_sampling(shape):
     y, ref = s3pool_train(x, rows, cols), s3pool_sample(max2x2_stride1(x), rows, cols)
     torch.testing.assert_close(y, ref, atol=0, rtol=0)
     g = torch.randn_like(y)
-    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+    # an input is the max of at most 4 overlapping windows: its gradient sums at most 4
+    # entries of g, in an order each implementation chooses
+    assert_within(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, x, g)[0],
+                  2 * sum_error_bound(4 * g.abs().max().item(), 4, x.dtype), "gradients")
 
 
 def test_s3pool_sample_gathers_rows_and_columns():
@@ -236,7 +288,7 @@ def test_s3pool_sample_gathers_rows_and_columns():
     rows, cols = torch.tensor([[0, 3], [1, 2]]), torch.tensor([[1, 2], [0, 3]])
     y = s3pool_sample(x, rows, cols)
     for b in range(2):
-        torch.testing.assert_close(y[b, 0], x[b, 0][rows[b]][:, cols[b]])
+        assert torch.equal(y[b, 0], x[b, 0][rows[b]][:, cols[b]])  # a gather does not round
 
 
 def test_pool_pair_shares_the_draw():
@@ -255,8 +307,8 @@ def test_registries_build_every_pool_and_reject_unknown_names():
     for name in LOCAL_POOLS:
         assert build_local_pool(name, 8, s3pool_grid=2)(x).shape == (2, 8, 3, 3)
     assert build_pool("gfgp", 8, 6, 6)(x).shape == (2, 8)
-    torch.testing.assert_close(build_local_pool("max", 8)(x), max2(x))
-    torch.testing.assert_close(build_local_pool("avg", 8)(x), avg2(x))
+    assert torch.equal(build_local_pool("max", 8)(x), max2(x))
+    assert_within(build_local_pool("avg", 8)(x), avg2(x), avg2_bound(x), "avg")
     assert build_local_pool("s3pool", 8, s3pool_grid=4).grid == 4
     with pytest.raises(ValueError, match="valid names: avg, gfgp, max, s3pool"):
         build_local_pool("stride", 8)
@@ -318,7 +370,8 @@ def _pad(x: torch.Tensor, c_out: int) -> torch.Tensor:
 def test_shortcut_is_pooled_like_the_branch(name, pool):
     block = _residual_off(BasicBlock(4, 8, 2, name)).eval()
     x = torch.randn(2, 4, 6, 6)
-    torch.testing.assert_close(block(x), F.relu(pool(_pad(x, 8))))
+    # bn2 = 0 * z + 0 is exactly 0; the block pools before padding, the reference after
+    assert_within(block(x), F.relu(pool(_pad(x, 8))), avg2_bound(_pad(x, 8)), name)
 
 
 def test_s3pool_shortcut_uses_the_branch_draw():
@@ -328,16 +381,19 @@ def test_s3pool_shortcut_uses_the_branch_draw():
     y = block(x)
     torch.manual_seed(9)
     rows, cols = s3pool_indices(3, 8, 2), s3pool_indices(3, 8, 2)
-    torch.testing.assert_close(y, F.relu(s3pool_sample(max2x2_stride1(_pad(x, 8)), rows, cols)))
+    assert torch.equal(y, F.relu(s3pool_sample(max2x2_stride1(_pad(x, 8)), rows, cols)))
     block.eval()
-    torch.testing.assert_close(block(x), F.relu(s3pool_eval(_pad(x, 8))))
+    assert_within(block(x), F.relu(s3pool_eval(_pad(x, 8))),
+                  avg2_bound(max2x2_stride1(_pad(x, 8))), "s3pool eval")
 
 
 def test_gfgp_shortcut_uses_the_branch_lambda():
     block = _residual_off(BasicBlock(4, 8, 2, "gfgp")).eval()
     x = torch.randn(2, 4, 6, 6)
     lam = block.pool.guide(block.conv1(x))
-    torch.testing.assert_close(block(x), F.relu(gfgp_local_pool(_pad(x, 8), lam)))
+    big = x.abs().max().item()  # lam in (0, 1)
+    assert_within(block(x), F.relu(gfgp_local_pool(_pad(x, 8), lam)),
+                  2 * softmax_sum_bound(big, 4, big, x.dtype), "gfgp")
 
 
 def test_s3pool_model_is_deterministic_in_evaluation():

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, make_cfg, run_cli
+from conftest import KILL_MID_EPOCH_2, TINY, make_cfg, run_cli, start_train
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -52,30 +48,16 @@ def reference(tmp_path_factory) -> Path:
     return only_run_dir(root)
 
 
-def start(args: list[str], cwd: Path, extra_code: str = "") -> subprocess.Popen:
-    code = f"{extra_code}\nimport sys\nsys.argv = ['flexexp.train', *{args!r}]\n" \
-           "from flexexp.train import main\nmain()\n"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_is_identical(tmp_path, reference):
     runs = tmp_path / "runs"
-    proc = start([*LONG, f"paths.runs={runs}"], tmp_path)
-    deadline = time.time() + 120
-    ckpts: list[Path] = []
-    while time.time() < deadline and not ckpts:
-        ckpts = list(runs.rglob("last.pt"))
-        time.sleep(0.05)
-    assert ckpts, "the run never wrote a checkpoint"
-    time.sleep(0.3)  # into the next epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = start_train([*LONG, f"paths.runs={runs}"], tmp_path, KILL_MID_EPOCH_2)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
     run_dir = only_run_dir(runs)
     done = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
-    assert 1 <= done < 6, "kill landed after the run finished"
+    assert done == 1  # killed in epoch 2, after epoch 1's checkpoint
     assert not (run_dir / "result.json").exists()
     again = run_cli([*LONG, f"paths.runs={runs}"], cwd=tmp_path)
     assert again.returncode == 0, again.stderr
@@ -105,7 +87,7 @@ tracking.atomic_write_bytes = _dying_write
 @pytest.mark.slow
 def test_sigkill_mid_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, reference):
     runs = tmp_path / "runs"
-    proc = start([*LONG, f"paths.runs={runs}"], tmp_path, KILL_IN_SECOND_CHECKPOINT)
+    proc = start_train([*LONG, f"paths.runs={runs}"], tmp_path, KILL_IN_SECOND_CHECKPOINT)
     assert proc.wait(timeout=300) == -signal.SIGKILL
     run_dir = only_run_dir(runs)
     assert (run_dir / ".last.pt.killed.tmp").exists()

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import math
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, run_cli
+from conftest import KILL_MID_EPOCH_2, TINY, run_cli, start_train
+from helpers import approx_csv
 
 from flexexp.tracking import read_json
 
@@ -54,10 +52,10 @@ def test_grid_then_report_matches_the_run_records(tmp_path):
             mean = sum(accs) / len(accs)
             std = math.sqrt(sum((a - mean) ** 2 for a in accs) / (len(accs) - 1))
             assert row.n == len(accs) == 2
-            assert row["mean"] == pytest.approx(mean, abs=1e-4)
-            assert row["std"] == pytest.approx(std, abs=1e-4)
-            assert row["min"] == pytest.approx(min(accs), abs=1e-4)
-            assert row["max"] == pytest.approx(max(accs), abs=1e-4)
+            assert row["mean"] == approx_csv(mean)
+            assert row["std"] == approx_csv(std)
+            assert row["min"] == approx_csv(min(accs))
+            assert row["max"] == approx_csv(max(accs))
             assert math.isnan(row.paper) and math.isnan(row.delta)
         # the paper's cells are there, empty (n=0), never zero
         paper = table[table.dataset == "cifar10"].set_index("variant")
@@ -69,7 +67,7 @@ def test_grid_then_report_matches_the_run_records(tmp_path):
                  - next(r["test_acc"] for r in recs if r["pool"] == "avg" and r["sac"] == sac
                         and r["seed"] == k) for k in (0, 1)]
         assert sig.loc["flex", "n_pairs"] == 2
-        assert sig.loc["flex", "mean_diff"] == pytest.approx(sum(diffs) / 2, abs=1e-4)
+        assert sig.loc["flex", "mean_diff"] == approx_csv(sum(diffs) / 2)
         assert (out / f"table{num}.md").read_text().count("synthetic") == 0  # labelled
         assert "Synthetic" in (out / f"table{num}.md").read_text()
         assert (out / f"figure{num}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -93,16 +91,8 @@ def test_killed_cell_resumes_alone(tmp_path):
     done = run_cli(["-m", *TINY, "pool=avg,flex", f"paths.runs={runs}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     before = checkpoint_mtimes(runs)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "flexexp.train", *long, "pool=flex_reg"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((runs / "synthetic" / "flex_reg").rglob("last.pt")):
-        time.sleep(0.2)
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc = start_train([*long, "pool=flex_reg"], tmp_path, KILL_MID_EPOCH_2)
+    assert proc.wait(timeout=300) == -signal.SIGKILL
     killed = next((runs / "synthetic" / "flex_reg").rglob("cell.json")).parent
     assert not (killed / "result.json").exists()  # SIGKILL leaves no record, only last.pt
 
