@@ -85,6 +85,33 @@ def start_train(args: list[str], cwd: Path, extra_code: str = "") -> subprocess.
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
+#: Where Debian's package dataset-fashion-mnist puts the real files (the realdata tests').
+REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def pytest_collection_modifyitems(config, items):
+    """``realdata`` tests run only where the package's four files are installed."""
+    from flexexp.data.paper import FMNIST_FILES
+
+    if all((REAL_FMNIST / f"{f}.gz").is_file() for f in FMNIST_FILES):
+        return
+    skip = pytest.mark.skip(reason=f"no real Fashion-MNIST in {REAL_FMNIST}/ (apt-get install "
+                                   "dataset-fashion-mnist)")
+    for item in items:
+        if "realdata" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _no_system_fashion_mnist(monkeypatch):
+    """Tests on fixture files behave the same whether or not Debian's Fashion-MNIST
+    package is installed: in-process, its folder is looked for where nothing is (the
+    ``realdata`` tests and the tests of the copy point it where they need)."""
+    from flexexp.data import paper
+
+    monkeypatch.setattr(paper, "FMNIST_SYSTEM_DIR", REPO / "tests" / "no-system-fashion-mnist")
+
+
 @pytest.fixture
 def cfg_factory():
     return make_cfg

@@ -8,6 +8,7 @@ runs in subprocesses; everything else runs in-process.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import logging
 import os
@@ -233,15 +234,19 @@ def test_download_impossible_says_so_and_leaves_nothing(tmp_path, offline, name)
 
 @pytest.mark.parametrize("name, bad_file", [("cifar10", "data_batch_1"),
                                             ("cifar100", "train"),
-                                            ("fashion_mnist", "train-images-idx3-ubyte.gz")])
+                                            ("fashion_mnist", "train-images-idx3-ubyte")])
 def test_checksums_are_verified_by_default(tmp_path, name, bad_file):
     WRITERS[name](tmp_path)
     with pytest.raises(DataError) as err:
         load_arrays(spec_for(name, tmp_path, verify=True))
     msg = str(err.value)
-    assert f"{bad_file} is corrupt or truncated" in msg and "MD5" in msg
+    bad = next(tmp_path.rglob(bad_file))
+    # a readable file with other content: how to check it comes before any advice to
+    # delete it, and the file stays where it was
+    assert f"{bad} is not the official data: the MD5 of its content is {paper.md5_of(bad)}" in msg
+    assert f"(check with `md5sum {bad}`)" in msg and "corrupt" not in msg
     assert "dataset.verify_checksums=false" in msg
-    assert cache_files(tmp_path) == []
+    assert bad.is_file() and cache_files(tmp_path) == []
 
 
 def test_verified_load_runs_torchvisions_checks(tmp_path, monkeypatch):
@@ -283,7 +288,7 @@ def test_unverified_cache_is_not_trusted_by_a_verifying_run(tmp_path):
     write_cifar10(tmp_path)
     load_arrays(spec_for("cifar10", tmp_path))  # builds a cache without the MD5 checks
     assert len(cache_files(tmp_path)) == 1
-    with pytest.raises(DataError, match="fails its MD5 checksum"):
+    with pytest.raises(DataError, match="is not the official data"):
         load_arrays(spec_for("cifar10", tmp_path, verify=True))
 
 
@@ -326,6 +331,74 @@ def test_fashion_mnist_from_archives_only(tmp_path):
     w = write_fashion_mnist(tmp_path, unpacked=False)  # as copied by hand from the mirror
     arrays = load_arrays(spec_for("fashion_mnist", tmp_path))
     assert torch.equal(arrays.x_test[:, :, 2:30, 2:30], torch.from_numpy(w.x_test))
+
+
+def _fixture_content_md5s(monkeypatch, tmp_path: Path) -> Path:
+    """Fashion-MNIST fixture archives, with their content declared the official one."""
+    write_fashion_mnist(tmp_path, unpacked=False)
+    raw = tmp_path / "FashionMNIST" / "raw"
+    monkeypatch.setattr(paper, "FMNIST_CONTENT_MD5", {
+        f: paper.md5_of(raw / f"{f}.gz", unpack=True) for f in paper.FMNIST_FILES})
+    return raw
+
+
+def test_fashion_mnist_is_checked_by_content_not_by_archive(tmp_path, monkeypatch):
+    """A recompressed archive (as Debian's package ships) with the official content is
+    accepted; a changed byte in it is reported with the command that checks it."""
+    raw = _fixture_content_md5s(monkeypatch, tmp_path)
+    labels = raw / "t10k-labels-idx1-ubyte.gz"
+    content = gzip.decompress(labels.read_bytes())
+    labels.write_bytes(gzip.compress(content, compresslevel=1, mtime=12345))  # other bytes
+    arrays = load_arrays(spec_for("fashion_mnist", tmp_path, verify=True))
+    assert len(arrays.y_test) == 20
+    # the unpacked file is checked again (by content) when the cache is built
+    (tmp_path / cache.CACHE_DIR).rename(tmp_path / "old-cache")
+    unpacked = raw / "t10k-labels-idx1-ubyte"
+    unpacked.write_bytes(content[:-1] + bytes([(content[-1] + 1) % 10]))
+    with pytest.raises(DataError) as err:
+        load_arrays(spec_for("fashion_mnist", tmp_path, verify=True))
+    msg = str(err.value)
+    want = paper.FMNIST_CONTENT_MD5["t10k-labels-idx1-ubyte"]
+    assert f"{unpacked} is not the official data" in msg and f"the official one is {want}" in msg
+    assert f"md5sum {unpacked}" in msg and unpacked.exists()
+    # an archive whose unpacked content differs: checked with gunzip -c, before unpacking
+    unpacked.unlink()
+    labels.write_bytes(gzip.compress(content[:-1] + b"\x07"))
+    with pytest.raises(DataError) as err:
+        load_arrays(spec_for("fashion_mnist", tmp_path, verify=True))
+    assert f"gunzip -c {labels} | md5sum" in str(err.value) and not unpacked.exists()
+
+
+def test_fashion_mnist_download_copies_the_system_package(tmp_path, monkeypatch, offline,
+                                                         capsys, caplog):
+    caplog.set_level(logging.INFO, logger="flexexp")
+    system = tmp_path / "usr-share"
+    _fixture_content_md5s(monkeypatch, system)
+    for gz in (system / "FashionMNIST" / "raw").iterdir():
+        gz.rename(system / gz.name)
+    monkeypatch.setattr(paper, "FMNIST_SYSTEM_DIR", system)
+    root = tmp_path / "data"
+    # without a download, the error says the package is there and how to use it
+    with pytest.raises(DataError) as err:
+        load_arrays(spec_for("fashion_mnist", root, verify=True))
+    assert f"the download command copies its files from {system}/" in str(err.value)
+    assert data_main(["download", "dataset=fashion_mnist", f"dataset.root={root}"]) == 0
+    out = capsys.readouterr()
+    assert f"copied {root / paper.FMNIST_FOLDER / 'train-images-idx3-ubyte.gz'} from " \
+           f"{system / 'train-images-idx3-ubyte.gz'} (package dataset-fashion-mnist)" in caplog.text
+    assert "fashion_mnist: ready, 30 train / 20 test images" in out.out
+    # the offline fixture refuses any network access: nothing but the copy was used
+    assert sorted(p.name for p in (root / paper.FMNIST_FOLDER).iterdir()) == sorted(
+        [*paper.FMNIST_FILES, *(f"{f}.gz" for f in paper.FMNIST_FILES)])
+
+
+def test_missing_fashion_mnist_names_the_system_package(tmp_path, monkeypatch):
+    monkeypatch.setattr(paper, "FMNIST_SYSTEM_DIR", tmp_path / "nowhere")
+    with pytest.raises(DataError) as err:
+        load_arrays(spec_for("fashion_mnist", tmp_path))
+    msg = str(err.value)
+    assert FETCH.format(name="fashion_mnist", root=tmp_path) in msg
+    assert "`apt-get install dataset-fashion-mnist`" in msg and "Debian/Ubuntu" in msg
 
 
 def test_truncated_idx_file_is_named(tmp_path):

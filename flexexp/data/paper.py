@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gzip
+import hashlib
 import logging
 import os
 import pickle
@@ -60,6 +61,20 @@ FMNIST_FOLDER = "FashionMNIST/raw"
 #: Train images, train labels, test images, test labels (each also served as .gz).
 FMNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+#: MD5 of each unpacked IDX file: the published dataset's content, whoever compressed it.
+#: The .gz archives' own MD5s differ by packager (Debian's package recompressed them), so
+#: a file is judged by its content; torchvision's list of the upstream .gz MD5s is
+#: accepted too (a match there spares unpacking to check).
+FMNIST_CONTENT_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
+#: Where Debian's and Ubuntu's package ``dataset-fashion-mnist`` installs the official
+#: ``.gz`` files; ``download`` copies them from there before trying the network.
+FMNIST_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_PACKAGE = "dataset-fashion-mnist"
 TINY_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 TINY_ZIP = "tiny-imagenet-200.zip"
 TINY_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
@@ -97,6 +112,18 @@ def fetch_command(name: str, root: Path | str) -> str:
     return f"python -m flexexp.data download dataset={name} dataset.root={shlex.quote(str(root))}"
 
 
+def _system_hint(name: str) -> str:
+    """Where a system package provides ``name`` without a network (Fashion-MNIST only)."""
+    if name != "fashion_mnist":
+        return ""
+    if _fmnist_system_files() is not None:
+        return (f" The package {FMNIST_PACKAGE} is installed: the download command copies its "
+                f"files from {FMNIST_SYSTEM_DIR}/ (no network needed).")
+    return (f" On Debian/Ubuntu, `apt-get install {FMNIST_PACKAGE}` installs the official files "
+            f"in {FMNIST_SYSTEM_DIR}/, which the download command then copies (no network "
+            f"needed).")
+
+
 def _missing(name: str, root: Path, what: Path) -> DataError:
     ds = PAPER[name]
     return DataError(
@@ -104,6 +131,7 @@ def _missing(name: str, root: Path, what: Path) -> DataError:
         f"dataset.download=false. Fetch it with `{fetch_command(name, root)}` (or run with "
         f"dataset.download=true), point dataset.root (or FLEXEXP_DATA) at the folder that "
         f"holds {ds.folder}/, or place the files there by hand: {root}/{ds.layout}."
+        f"{_system_hint(name)}"
     )
 
 
@@ -117,16 +145,40 @@ def _no_download(name: str, root: Path, exc: BaseException) -> DataError:
         f"have no network access (or the server is down). On a machine that has it, run "
         f"`{fetch_command(name, 'DIR')}` and copy DIR/{ds.folder}/ to {root}/, or place the "
         f"files there by hand: {root}/{ds.layout}; then run again with dataset.download=false."
+        f"{_system_hint(name)}"
     )
 
 
-def _corrupt(name: str, root: Path, path: Path | str, why: str, checksum: bool = False
-             ) -> DataError:
-    hint = (" If you made this file yourself (a test fixture, a converted copy), run with "
-            "dataset.verify_checksums=false to skip the MD5 checks." if checksum else "")
+def _corrupt(name: str, root: Path, path: Path | str, why: str) -> DataError:
+    """``path`` cannot be read at all (not unpackable, not parseable): damaged for sure."""
     return DataError(
         f"{name}: {path} is corrupt or truncated ({why}). Delete it and fetch the data "
-        f"again with `{fetch_command(name, root)}`.{hint}"
+        f"again with `{fetch_command(name, root)}`.{_system_hint(name)}"
+    )
+
+
+def md5_of(path: Path | str, unpack: bool = False) -> str:
+    """MD5 of a file's bytes, or of its gunzipped content with ``unpack``."""
+    digest = hashlib.md5()
+    with (gzip.open if unpack else open)(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _not_official(name: str, root: Path, path: Path, got: str, want: str, unpacked: bool
+                  ) -> DataError:
+    """A readable file whose content is not the official one: say how to check it
+    before anyone deletes it, since it may be the user's own on purpose."""
+    check = f"gunzip -c {shlex.quote(str(path))} | md5sum" if unpacked else \
+        f"md5sum {shlex.quote(str(path))}"
+    what = "its unpacked content" if unpacked else "its content"
+    return DataError(
+        f"{name}: {path} is not the official data: the MD5 of {what} is {got}, the official "
+        f"one is {want} (check with `{check}`). If it is a damaged or partial copy, delete "
+        f"it and fetch the data again with `{fetch_command(name, root)}`.{_system_hint(name)} "
+        f"If you made it yourself (a test fixture, a converted copy), run with "
+        f"dataset.verify_checksums=false to skip the MD5 checks."
     )
 
 
@@ -275,7 +327,7 @@ def _diagnose_cifar(name: str, root: Path, spec: DatasetConfig, exc: Exception) 
         if not path.is_file():
             return _missing(name, root, path)
         if spec.verify_checksums and not check_integrity(str(path), md5s[path.name]):
-            return _corrupt(name, root, path, "it fails its MD5 checksum", checksum=True)
+            return _not_official(name, root, path, md5_of(path), md5s[path.name], False)
         try:
             with open(path, "rb") as f:
                 entry = pickle.load(f, encoding="latin1")
@@ -333,24 +385,63 @@ def _fmnist_class(verify: bool) -> type:
     return FashionMNIST if verify else _unverified(FashionMNIST)
 
 
-def _check_gz_md5(name: str, root: Path, spec: DatasetConfig) -> None:
-    """With verify_checksums, compare each .gz archive present with its official MD5."""
-    if not spec.verify_checksums:
-        return
-    from torchvision.datasets.utils import check_integrity
+def _fmnist_system_files() -> list[Path] | None:
+    """The four official .gz files from the system package, or None if any is absent."""
+    files = [FMNIST_SYSTEM_DIR / f"{f}.gz" for f in FMNIST_FILES]
+    return files if all(p.is_file() for p in files) else None
 
-    md5s = dict(_fmnist_class(verify=True).resources)
-    for gz, _ in _fmnist_files(root):
-        if gz.is_file() and not check_integrity(str(gz), md5s[gz.name]):
-            raise _corrupt(name, root, gz, "it fails its MD5 checksum", checksum=True)
+
+def _verify_fmnist_gz(name: str, root: Path, gz: Path) -> None:
+    """Accept ``gz`` if it is an upstream archive (torchvision's MD5) or if its unpacked
+    content is the published dataset's (any recompression, Debian's included)."""
+    upstream = dict(_fmnist_class(verify=True).resources)
+    if md5_of(gz) == upstream.get(gz.name):
+        return
+    want = FMNIST_CONTENT_MD5[gz.name.removesuffix(".gz")]
+    try:
+        got = md5_of(gz, unpack=True)
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise _corrupt(name, root, gz, f"cannot be unpacked: {exc}") from None
+    if got != want:
+        raise _not_official(name, root, gz, got, want, unpacked=True)
+
+
+def _verify_fmnist_raw(name: str, root: Path, raw: Path) -> None:
+    want = FMNIST_CONTENT_MD5[raw.name]
+    got = md5_of(raw)
+    if got != want:
+        raise _not_official(name, root, raw, got, want, unpacked=False)
+
+
+def _copy_system_fmnist(name: str, root: Path) -> None:
+    """Copy the system package's .gz files that ``root`` lacks (atomically, each)."""
+    system = _fmnist_system_files()
+    if system is None:
+        return
+    for src, (gz, raw) in zip(system, _fmnist_files(root), strict=True):
+        if gz.is_file() or raw.is_file():
+            continue
+        gz.parent.mkdir(parents=True, exist_ok=True)
+        tmp = gz.with_name(f".{gz.name}.{os.getpid()}.tmp")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, gz)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log.info("%s: copied %s from %s (package %s)", name, gz, src, FMNIST_PACKAGE)
 
 
 def _fetch_fmnist(name: str, root: Path, spec: DatasetConfig) -> None:
     files = _fmnist_files(root)
-    _fetch(name, root, spec,
-           # the unpacked files, or the archives a hand copy may hold (unpacked below)
-           missing=lambda: next((raw for gz, raw in files
-                                 if not raw.is_file() and not gz.is_file()), None),
+
+    def missing() -> Path | None:
+        # the unpacked files, or the archives a hand copy may hold (unpacked below)
+        return next((raw for gz, raw in files if not raw.is_file() and not gz.is_file()), None)
+
+    if spec.download and missing() is not None:
+        with cache.file_lock(root / cache.CACHE_DIR / f".{name}.download.lock"):
+            _copy_system_fmnist(name, root)  # before the network, when the package is there
+    _fetch(name, root, spec, missing=missing,
            download=lambda: _fmnist_class(spec.verify_checksums)(
                str(root), train=False, download=True),
            created=[(root / FMNIST_FOLDER).parent, *(p for pair in files for p in pair)],
@@ -358,14 +449,17 @@ def _fetch_fmnist(name: str, root: Path, spec: DatasetConfig) -> None:
     for gz, raw in files:
         if raw.is_file():
             continue
-        _check_gz_md5(name, root, spec)
-        from torchvision.datasets.utils import extract_archive
-
-        try:
-            extract_archive(str(gz), str(raw.parent))
+        if spec.verify_checksums:
+            _verify_fmnist_gz(name, root, gz)
+        tmp = raw.with_name(f".{raw.name}.{os.getpid()}.tmp")
+        try:  # unpacked beside, then renamed: an interrupted unpack leaves no partial file
+            with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 20)
+            os.replace(tmp, raw)
         except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-            raw.unlink(missing_ok=True)  # torchvision opened the output before reading
             raise _corrupt(name, root, gz, f"cannot be unpacked: {exc}") from None
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _read_idx(name: str, root: Path, path: Path, images: bool) -> Tensor:
@@ -381,9 +475,11 @@ def _read_idx(name: str, root: Path, path: Path, images: bool) -> Tensor:
 
 def _decode_fmnist(name: str, root: Path, spec: DatasetConfig) -> ImageArrays:
     """Both splits via torchvision's FashionMNIST: ``.data`` (N, 28, 28) -> (N, 1, S, S)."""
-    _check_gz_md5(name, root, spec)
     raws = _fmnist_sources(root)
-    cls = _fmnist_class(verify=False)  # the archives were checked above; the class checks none
+    if spec.verify_checksums:  # the bytes about to be decoded, against the published content
+        for raw in raws:
+            _verify_fmnist_raw(name, root, raw)
+    cls = _fmnist_class(verify=False)  # checked above; the class would check the .gz MD5s
     out: list[Tensor] = []
     for train, (images, labels) in ((True, raws[:2]), (False, raws[2:])):
         try:
