@@ -48,12 +48,12 @@ from flexexp.config import check_overrides, compose_config, validate
 from flexexp.data.loader import Augment, DeviceLoader, normalize
 from flexexp.data.sources import load_arrays
 from flexexp.errors import FlexexpError
+from flexexp.models import build_model
 from flexexp.runtime import heap_kept
 from flexexp.trainer import (
     Counters,
     TrainStep,
     autocast_for,
-    build_model,
     configure_process,
     learning_rate,
     resolve_device,

@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from flexexp.pooling import LOCAL_POOLS, LocalPool, build_local_pool, build_pool
 
 __all__ = [
+    "build_model",
     "BasicBlock",
     "Head",
     "CifarResNet",
@@ -259,4 +261,20 @@ def resnet20(
         dropout=dropout,
         downsample=downsample,
         s3pool_grid=s3pool_grid,
+    )
+
+
+def build_model(cfg: DictConfig) -> CifarResNet:
+    """The model a run's config describes (``model``, ``dataset``, ``pool``, ``sac``)."""
+    return CifarResNet(
+        depth=cfg.model.depth,
+        num_classes=cfg.dataset.num_classes,
+        in_channels=cfg.dataset.in_channels,
+        image_size=cfg.dataset.image_size,
+        pool=cfg.pool.layer,
+        sac=cfg.sac.enabled,
+        dropout=cfg.pool.dropout,
+        width=cfg.model.width,
+        downsample=cfg.model.downsample,
+        s3pool_grid=cfg.model.s3pool_grid,
     )

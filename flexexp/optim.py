@@ -18,9 +18,12 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch.optim.adam import adam as _adam_update
 
-__all__ = ["Adam"]
+from flexexp.errors import ConfigError
+
+__all__ = ["Adam", "build_optimizer"]
 
 # the group's hyperparameters as this torch's Adam names and defaults them (the set grew
 # over torch versions), so state_dict() carries the same keys as torch.optim.Adam's
@@ -124,3 +127,17 @@ class Adam:
         _check_group(loaded)
         self.state = state
         self.param_groups[0].update(loaded)
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer | Adam:
+    """The optimiser ``optim`` names, over ``model``'s parameters."""
+    o = cfg.optim
+    if o.name == "adam":
+        # torch.optim.Adam's arithmetic and state format, without importing TorchDynamo
+        # at start-up (flexexp/optim.py)
+        return Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas),
+                    weight_decay=o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
+                               nesterov=o.nesterov, weight_decay=o.weight_decay)
+    raise ConfigError(f"optim.name={o.name!r} is unknown; use optim=adam or optim=sgd.")

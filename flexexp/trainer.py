@@ -28,8 +28,8 @@ from flexexp.config import cell_config, cell_hash, validate
 from flexexp.data.loader import Augment, DeviceLoader
 from flexexp.data.sources import load_arrays
 from flexexp.errors import ConfigError, DivergenceError, FlexexpError
-from flexexp.models import CifarResNet
-from flexexp.optim import Adam
+from flexexp.models import CifarResNet, build_model
+from flexexp.optim import build_optimizer
 from flexexp.runtime import heap_kept, keep_heap
 from flexexp.tracking import (
     CELL_FILE,
@@ -47,7 +47,7 @@ from flexexp.tracking import (
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "task", "onecycle_lr", "resolve_device", "build_model", "evaluate", "TrainStep",
+__all__ = ["run", "task", "onecycle_lr", "resolve_device", "evaluate", "TrainStep",
            "Dist", "configure_process", "autocast_for"]
 
 
@@ -126,34 +126,6 @@ def configure_process(t: DictConfig, device: torch.device) -> None:
     # the call imports torch._inductor (~2 s): make it only when the setting changes
     if bool(t.deterministic) != torch.are_deterministic_algorithms_enabled():
         torch.use_deterministic_algorithms(bool(t.deterministic), warn_only=True)
-
-
-def build_model(cfg: DictConfig) -> CifarResNet:
-    return CifarResNet(
-        depth=cfg.model.depth,
-        num_classes=cfg.dataset.num_classes,
-        in_channels=cfg.dataset.in_channels,
-        image_size=cfg.dataset.image_size,
-        pool=cfg.pool.layer,
-        sac=cfg.sac.enabled,
-        dropout=cfg.pool.dropout,
-        width=cfg.model.width,
-        downsample=cfg.model.downsample,
-        s3pool_grid=cfg.model.s3pool_grid,
-    )
-
-
-def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer | Adam:
-    o = cfg.optim
-    if o.name == "adam":
-        # torch.optim.Adam's arithmetic and state format, without importing TorchDynamo
-        # at start-up (flexexp/optim.py)
-        return Adam(model.parameters(), lr=o.lr, betas=tuple(o.betas),
-                    weight_decay=o.weight_decay)
-    if o.name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum,
-                               nesterov=o.nesterov, weight_decay=o.weight_decay)
-    raise ConfigError(f"optim.name={o.name!r} is unknown; use optim=adam or optim=sgd.")
 
 
 def head_names(model: CifarResNet) -> list[str]:

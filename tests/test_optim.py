@@ -91,7 +91,7 @@ def test_the_trainer_reaches_its_first_step_without_torchdynamo(tmp_path):
     code = (
         "import sys, torch\n"
         "from flexexp.config import compose_config\n"
-        "from flexexp.trainer import TrainStep, build_model\n"
+        "from flexexp.models import build_model\nfrom flexexp.trainer import TrainStep\n"
         "cfg = compose_config(['dataset=synthetic', 'dataset.image_size=8', 'optim=adam'])\n"
         "model = build_model(cfg)\n"
         "step = TrainStep(cfg, model, torch.device('cpu'), None)\n"
