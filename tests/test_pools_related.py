@@ -13,7 +13,7 @@ from helpers import assert_within, softmax_sum_bound, sum_error_bound
 
 from flexexp.config import validate
 from flexexp.errors import ConfigError
-from flexexp.models import DOWNSAMPLE_OPTIONS, BasicBlock, resnet20
+from flexexp.models import DOWNSAMPLE_OPTIONS, BasicBlock, make_local_pool, resnet20
 from flexexp.pooling import (
     GLOBAL_POOLS,
     LOCAL_POOLS,
@@ -32,6 +32,14 @@ from flexexp.pooling import (
 )
 
 SIZES = [(2, 3, 8, 8), (2, 4, 4, 4), (3, 2, 7, 5), (1, 3, 1, 3)]
+#: Keyword arguments of the local pools that take some (conf/model/resnet20.yaml's values).
+DOWN_ARGS = {"s3pool": {"grid": 2}}
+
+
+def net(**kwargs) -> torch.nn.Module:
+    """resnet20 with the local pool's arguments from DOWN_ARGS."""
+    down = kwargs.get("downsample", "stride")
+    return resnet20(downsample_kwargs=DOWN_ARGS.get(down), **kwargs)
 
 
 def n_params(m: torch.nn.Module) -> int:
@@ -305,15 +313,26 @@ def test_registries_build_every_pool_and_reject_unknown_names():
     assert {"avg", "max", "flex", "flex_softmax", "gfgp"} <= set(GLOBAL_POOLS)
     x = torch.randn(2, 8, 6, 6)
     for name in LOCAL_POOLS:
-        assert build_local_pool(name, 8, s3pool_grid=2)(x).shape == (2, 8, 3, 3)
+        assert build_local_pool(name, 8, **DOWN_ARGS.get(name, {}))(x).shape == (2, 8, 3, 3)
     assert build_pool("gfgp", 8, 6, 6)(x).shape == (2, 8)
     assert torch.equal(build_local_pool("max", 8)(x), max2(x))
     assert_within(build_local_pool("avg", 8)(x), avg2(x), avg2_bound(x), "avg")
-    assert build_local_pool("s3pool", 8, s3pool_grid=4).grid == 4
+    assert build_local_pool("s3pool", 8, grid=4).grid == 4
     with pytest.raises(ValueError, match="valid names: avg, gfgp, max, s3pool"):
         build_local_pool("stride", 8)
     with pytest.raises(ValueError, match="valid names: .*gfgp"):
         build_pool("gfp", 8, 6, 6)
+    # each pool's own keyword arguments, checked against what its constructor takes
+    with pytest.raises(ValueError, match="local pool 'max': got an unexpected keyword "
+                                         "argument 'grid'; it takes no keyword arguments"):
+        build_local_pool("max", 8, grid=2)
+    with pytest.raises(ValueError, match="local pool 's3pool': missing a required argument: "
+                                         "'grid'; it takes grid"):
+        build_local_pool("s3pool", 8)
+    with pytest.raises(ValueError, match="unexpected keyword argument 'normalise'; it takes "
+                                         "normalize"):
+        build_pool("flex", 8, 6, 6, normalise="softmax")
+    assert build_pool("flex", 8, 6, 6, normalize="softmax").normalize == "softmax"
     with pytest.raises(ValueError, match="grid must be >= 1"):
         S3Pool2x2(0)
 
@@ -324,7 +343,7 @@ def test_registries_build_every_pool_and_reject_unknown_names():
 @pytest.mark.parametrize("downsample", DOWNSAMPLE_OPTIONS)
 @pytest.mark.parametrize("size", [8, 7, 32, 5, 4])
 def test_stage_shapes_are_right_for_every_downsample(downsample, size):
-    m = resnet20(in_channels=1, image_size=size, downsample=downsample, sac=True, pool="flex")
+    m = net(in_channels=1, image_size=size, downsample=downsample, sac=True, pool="flex")
     x = torch.randn(2, 1, size, size)
     half, quarter = -(-size // 2), -(-size // 4)
     assert m.stage_shapes == [(16, size, size), (32, half, half), (64, quarter, quarter)]
@@ -338,7 +357,7 @@ def test_parameter_costs():
     base = n_params(resnet20())
     assert base == 269_722  # the default is unchanged
     for d in ("stride", "max", "avg", "s3pool"):
-        assert n_params(resnet20(downsample=d)) == base  # parameter-free pools
+        assert n_params(net(downsample=d)) == base  # parameter-free pools
     # one GFGP guide (U: C/2 x C, V: C x C/2) after the stride-1 conv of stages 2 and 3
     assert n_params(resnet20(downsample="gfgp")) - base == 2 * 32 * 16 + 2 * 64 * 32
     assert n_params(resnet20(pool="gfgp")) - base == 2 * 64 * 32
@@ -368,14 +387,14 @@ def _pad(x: torch.Tensor, c_out: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("name,pool", [("max", max2), ("avg", avg2)])
 def test_shortcut_is_pooled_like_the_branch(name, pool):
-    block = _residual_off(BasicBlock(4, 8, 2, name)).eval()
+    block = _residual_off(BasicBlock(4, 8, 2, make_local_pool(name))).eval()
     x = torch.randn(2, 4, 6, 6)
     # bn2 = 0 * z + 0 is exactly 0; the block pools before padding, the reference after
     assert_within(block(x), F.relu(pool(_pad(x, 8))), avg2_bound(_pad(x, 8)), name)
 
 
 def test_s3pool_shortcut_uses_the_branch_draw():
-    block = _residual_off(BasicBlock(4, 8, 2, "s3pool", s3pool_grid=2)).train()
+    block = _residual_off(BasicBlock(4, 8, 2, make_local_pool("s3pool", grid=2))).train()
     x = torch.randn(3, 4, 8, 8)
     torch.manual_seed(9)
     y = block(x)
@@ -388,7 +407,7 @@ def test_s3pool_shortcut_uses_the_branch_draw():
 
 
 def test_gfgp_shortcut_uses_the_branch_lambda():
-    block = _residual_off(BasicBlock(4, 8, 2, "gfgp")).eval()
+    block = _residual_off(BasicBlock(4, 8, 2, make_local_pool("gfgp"))).eval()
     x = torch.randn(2, 4, 6, 6)
     lam = block.pool.guide(block.conv1(x))
     big = x.abs().max().item()  # lam in (0, 1)
@@ -397,7 +416,7 @@ def test_gfgp_shortcut_uses_the_branch_lambda():
 
 
 def test_s3pool_model_is_deterministic_in_evaluation():
-    m = resnet20(in_channels=1, image_size=8, downsample="s3pool").eval()
+    m = net(in_channels=1, image_size=8, downsample="s3pool").eval()
     x = torch.randn(4, 1, 8, 8)
     torch.testing.assert_close(m(x), m(x), atol=0, rtol=0)
     m.train()
@@ -408,7 +427,8 @@ def test_s3pool_model_is_deterministic_in_evaluation():
 
 
 def test_model_rejects_unknown_downsample():
-    with pytest.raises(ValueError, match="valid names: stride, max, avg, gfgp, s3pool"):
+    with pytest.raises(ValueError, match="unknown local pool 'conv'; valid names: avg, gfgp, "
+                                         "max, s3pool, or the import path of a class"):
         resnet20(downsample="conv")
 
 
@@ -417,7 +437,7 @@ def test_model_rejects_unknown_downsample():
 
 @pytest.mark.parametrize("downsample", DOWNSAMPLE_OPTIONS)
 def test_every_downsample_option_validates(downsample):
-    cfg = make_cfg([f"model.downsample={downsample}", "model.s3pool_grid=4"])
+    cfg = make_cfg([f"model.downsample={downsample}", "model.local_pool_args.s3pool.grid=4"])
     validate(cfg)
     assert cfg.model.downsample == downsample
 
@@ -425,7 +445,10 @@ def test_every_downsample_option_validates(downsample):
 @pytest.mark.parametrize("override,match", [
     (["model.downsample=conv"], r"model.downsample='conv' is unknown; valid options: stride, "
                                 r"max, avg, gfgp, s3pool"),
-    (["model.s3pool_grid=0"], r"model.s3pool_grid=0 must be >= 1"),
+    (["model.local_pool_args.s3pool.grid=0"],
+     r"model.local_pool_args.s3pool=\{'grid': 0\}: S3Pool2x2: grid must be >= 1"),
+    (["model.downsample=mypkg.NoSuchPool"],
+     r"importing it failed \(ModuleNotFoundError: No module named 'mypkg'\)"),
 ])
 def test_validation_of_the_downsample_keys(override, match):
     with pytest.raises(ConfigError, match=match):
