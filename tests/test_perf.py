@@ -14,7 +14,7 @@ import torch
 from conftest import TINY, make_cfg, run_cli
 from helpers import approx_f64, gamma
 
-from flexexp import bench, trainer
+from flexexp import bench, engine, trainer
 from flexexp.data.loader import Augment, DeviceLoader
 from flexexp.tracking import read_json
 
@@ -169,8 +169,8 @@ def test_precisions_and_formats_train_on_cpu(tmp_path, opts):
 
 
 def test_precision_auto_is_fp32_on_cpu():
-    assert trainer.resolve_precision("auto", torch.device("cpu")) is None
-    assert trainer.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    assert engine.resolve_precision("auto", torch.device("cpu")) is None
+    assert engine.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from conftest import KILL_MID_EPOCH_2, TINY, make_cfg, run_cli, start_train
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexexp import trainer
+from flexexp import engine, rundir, trainer
 from flexexp.config import check_overrides, validate
 from flexexp.errors import ConfigError, FlexexpError
 from flexexp.tracking import read_json
@@ -101,9 +101,9 @@ def test_sigkill_mid_checkpoint_write_keeps_the_previous_checkpoint(tmp_path, re
 def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     cfg = make_cfg([*TINY, "trainer.epochs=3"])
     steps = -(-256 // 64)
-    real_lr = trainer.learning_rate
+    real_lr = engine.learning_rate
     # an absurd learning rate from epoch 2 on: the loss overflows
-    monkeypatch.setattr(trainer, "learning_rate",
+    monkeypatch.setattr(engine, "learning_rate",
                         lambda c, step, total: 1e30 if step >= steps else real_lr(c, step, total))
     with pytest.raises(FlexexpError, match="NaN or infinite at epoch 2, step"):
         trainer.run(cfg, tmp_path / "run")
@@ -195,7 +195,7 @@ def test_a_cell_being_trained_elsewhere_is_not_touched(tmp_path):
     cfg = make_cfg(TINY)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    with trainer._exclusive(run_dir):
+    with rundir.exclusive(run_dir):
         with pytest.raises(FlexexpError, match="another process .* is training"):
             trainer.run(cfg, run_dir)
     assert not (run_dir / "result.json").exists()

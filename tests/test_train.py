@@ -10,7 +10,7 @@ import torch
 from conftest import TINY, make_cfg, run_cli
 from helpers import unit_roundoff
 
-from flexexp import trainer
+from flexexp import engine, trainer
 from flexexp.config import cell_name
 from flexexp.tracking import read_json
 
@@ -89,7 +89,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     ref_state = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
 
     calls = {"n": 0}
-    real_evaluate = trainer.evaluate
+    real_evaluate = engine.evaluate
 
     def dying_evaluate(*args, **kwargs):
         calls["n"] += 1
@@ -97,14 +97,14 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
             raise KeyboardInterrupt("simulated kill")
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(trainer, "evaluate", dying_evaluate)
+    monkeypatch.setattr(engine, "evaluate", dying_evaluate)
     with pytest.raises(KeyboardInterrupt):
         trainer.run(cfg, tmp_path / "cut")
     rec = read_json(tmp_path / "cut" / "result.json")
     assert rec["status"] == "failed" and "simulated kill" in rec["error"]
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
 
-    monkeypatch.setattr(trainer, "evaluate", real_evaluate)
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
     resumed = trainer.run(cfg, tmp_path / "cut")
     assert resumed["status"] == "completed"
     assert resumed["test_acc"] == ref["test_acc"]
