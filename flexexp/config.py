@@ -19,7 +19,7 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from flexexp.errors import ConfigError
 from flexexp.schema import Config
@@ -112,9 +112,17 @@ register_resolvers()
 # ---------------------------------------------------------------------------- validation
 
 
-def _positive(cfg: DictConfig, key: str, fix: str) -> None:
+def _number(cfg: DictConfig, key: str, fix: str) -> float:
+    """The number at ``key`` (an int or a float, not a bool), else a ConfigError."""
     value = OmegaConf.select(cfg, key)
-    if value is None or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}={value!r} must be a number: {fix}.")
+    return value
+
+
+def _positive(cfg: DictConfig, key: str, fix: str) -> None:
+    value = _number(cfg, key, fix)
+    if value <= 0:
         raise ConfigError(f"{key}={value} must be positive: {fix}.")
 
 
@@ -183,8 +191,9 @@ def _validate_model(cfg: DictConfig) -> None:
         args = dict(cfg.model.local_pool_args.get(name) or {})
         key = f"model.downsample={name!r}" if name == down else f"model.local_pool_args.{name}"
         factory = _built(key, lambda n=name, a=args: make_local_pool(n, **a))
-        _built(f"model.local_pool_args.{name}={args}", lambda f=factory: f(1))
-    _built("model.depth", lambda: check_depth(cfg.model.depth))
+        given = ", ".join(f"model.local_pool_args.{name}.{k}={v!r}" for k, v in args.items())
+        _built(given or f"model.downsample={name!r}", lambda f=factory: f(1))
+    _built(f"model.depth={cfg.model.depth}", lambda: check_depth(cfg.model.depth))
 
 
 def _validate_dataset(cfg: DictConfig) -> None:
@@ -196,7 +205,8 @@ def _validate_dataset(cfg: DictConfig) -> None:
             f"dataset.source={cfg.dataset.source!r} is unknown; valid sources: "
             f"{', '.join(sorted(DATASETS))}. Select a dataset with dataset=<name>."
         )
-    _built("dataset.image_size", lambda: check_image_size(cfg.dataset.image_size))
+    _built(f"dataset.image_size={cfg.dataset.image_size}",
+           lambda: check_image_size(cfg.dataset.image_size))
     for key in ("mean", "std"):
         stats = list(cfg.dataset[key])
         if len(stats) not in (1, cfg.dataset.in_channels):
@@ -247,17 +257,21 @@ def _validate_optim(cfg: DictConfig) -> None:
     if o.get("name") not in OPTIMIZERS:
         raise ConfigError(f"optim.name={o.get('name')!r} is unknown; valid names: "
                           f"{', '.join(sorted(OPTIMIZERS))} (optim=<name>).")
-    bad = [k for k in o.get("no_decay", []) if k not in NO_DECAY_KINDS]
-    if "no_decay" not in o or bad:
+    no_decay = o.get("no_decay")
+    if not isinstance(no_decay, ListConfig) or any(k not in NO_DECAY_KINDS for k in no_decay):
         raise ConfigError(f"optim.no_decay={o.get('no_decay')} must list some of "
                           f"{', '.join(NO_DECAY_KINDS)}, e.g. optim.no_decay=[bn,pool] "
                           "(or [] for weight decay on every parameter).")
-    if o.weight_decay < 0:
+    if _number(cfg, "optim.weight_decay", "e.g. optim.weight_decay=5e-4") < 0:
         raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0.")
     kwargs = {k: v for k, v in o.items() if k not in OPTIM_SHARED_KEYS}
-    _built(f"optim={o.name}", lambda: check_arguments(
-        OPTIMIZERS[o.name], ([],), {"lr": o.lr, "weight_decay": o.weight_decay, **kwargs},
-        f"optimiser {o.name!r}"))
+    args = {"lr": o.lr, "weight_decay": o.weight_decay, **kwargs}
+    _built(f"optim={o.name}", lambda: check_arguments(OPTIMIZERS[o.name], ([],), args,
+                                                      f"optimiser {o.name!r}"))
+    # built once on a dummy parameter: the optimiser checks its own values (betas, ...)
+    given = ", ".join(f"optim.{k}={v!r}" for k, v in args.items())
+    _built(f"optim={o.name} with {given}", lambda: OPTIMIZERS[o.name](
+        [{"params": [_dummy_parameter()]}], **args))
 
 
 def _validate_sched(cfg: DictConfig) -> None:
@@ -271,8 +285,16 @@ def _validate_sched(cfg: DictConfig) -> None:
     kwargs = {k: v for k, v in cfg.sched.items() if k != "name"}
     _built(f"sched={name}", lambda: check_arguments(schedules[name], (), kwargs,
                                                     f"schedule {name!r}"))
-    if name == "onecycle" and not 0 < cfg.sched.pct_start < 1:
+    for key in kwargs:
+        _positive(cfg, f"sched.{key}", f"see {CONF_DIR}/sched/{name}.yaml")
+    if name == "onecycle" and not cfg.sched.pct_start < 1:
         raise ConfigError(f"sched.pct_start={cfg.sched.pct_start} must be in (0, 1), e.g. 0.3.")
+
+
+def _dummy_parameter() -> Any:
+    import torch
+
+    return torch.nn.Parameter(torch.zeros(1))
 
 
 def _onecycle_keys(pct_start: float, div_factor: float, final_div_factor: float) -> None:

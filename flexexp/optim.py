@@ -42,6 +42,23 @@ _UPDATE_KWARGS = set(inspect.signature(_adam_update).parameters)
 _STATE_KEYS = ("exp_avg", "exp_avg_sq")
 
 
+def _check_values(group: dict[str, Any]) -> None:
+    """The ranges torch.optim.Adam's constructor checks, with its messages."""
+    betas = list(group["betas"])
+    numbers = [group["lr"], group["eps"], group["weight_decay"], *betas]
+    if len(betas) != 2 or any(isinstance(v, bool) or not isinstance(v, int | float)
+                              for v in numbers):
+        raise ValueError(f"Adam takes numbers for lr, eps, weight_decay and two betas, got "
+                         f"lr={group['lr']!r}, eps={group['eps']!r}, "
+                         f"weight_decay={group['weight_decay']!r}, betas={betas!r}")
+    for key in ("lr", "eps", "weight_decay"):
+        if group[key] < 0:
+            raise ValueError(f"Invalid {key} value: {group[key]}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+
+
 def _check_group(group: dict[str, Any]) -> None:
     """Refuse the options :meth:`Adam.step` does not implement (torch.optim.Adam's
     defaults are all off), whether set at construction or by a loaded state dict."""
@@ -70,6 +87,7 @@ class Adam:
             defaults["decoupled_weight_decay"] = True
         self.param_groups: list[dict[str, Any]] = []
         for g in groups:
+            _check_values({**defaults, **g})
             group = {**defaults, **{k: v for k, v in g.items() if k != "params"}}
             group["betas"] = tuple(group["betas"])
             _check_group(group)

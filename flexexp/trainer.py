@@ -24,16 +24,14 @@ from flexexp import engine, rundir
 from flexexp.config import cell_hash, validate
 from flexexp.data.loader import DeviceLoader
 from flexexp.data.sources import ImageArrays, load_arrays
-from flexexp.engine import Counters, Dist, TrainStep, onecycle_lr
+from flexexp.engine import Counters, Dist, TrainStep
 from flexexp.errors import DivergenceError, FlexexpError
 from flexexp.models import build_model
 from flexexp.tracking import CHECKPOINT_FILE, TensorBoardLogger, process_age
 
 log = logging.getLogger(__name__)
 
-# onecycle_lr and TrainStep live in flexexp.engine; importable from here too until
-# tests/test_config.py and tests/test_optim.py import them from there
-__all__ = ["run", "setup", "fit", "task", "Loop", "onecycle_lr", "TrainStep"]
+__all__ = ["run", "setup", "fit", "task", "Loop"]
 # The loop calls engine.learning_rate and engine.evaluate through the module, so a test
 # that patches them there (monkeypatch.setattr(engine, "evaluate", ...)) reaches the loop.
 

@@ -4,13 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import make_cfg
-from helpers import gamma
+from helpers import gamma, make_cfg
 from omegaconf import open_dict
 
 from flexexp.config import GROUPS, cell_hash, cell_name, check_overrides, group_options, validate
+from flexexp.engine import onecycle_lr
 from flexexp.errors import ConfigError
-from flexexp.trainer import onecycle_lr
+from flexexp.models import DOWNSAMPLE_OPTIONS
 
 
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
@@ -49,11 +49,11 @@ def test_dataset_shapes(name, classes, channels):
     (["optim.lr=0"], "optim.lr=0 must be positive"),
     (["sac=on", "sac.weights=[0.5,0.5]"], "must have 3 entries"),
     (["sac=on", "sac.weights=[-0.1,0.2,0.7]"], "must not be negative"),
-    (["dataset.image_size=2"], "dataset.image_size: image_size 2 is too small"),
+    (["dataset.image_size=2"], "dataset.image_size=2: image_size 2 is too small"),
     (["trainer.device=tpu"], "is not a device"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown"),
     (["pool.dropout=1.5"], r"pool.dropout=1.5 must be in \[0, 1\)"),
-    (["model.depth=21"], r"model.depth: ResNet depth must be one of 8, 14, 20.*\(6n\+2"),
+    (["model.depth=21"], r"model.depth=21: ResNet depth must be one of 8, 14, 20.*\(6n\+2"),
     (["dataset=cifar10", "dataset.mean=[0.5,0.5]"], "one value per channel"),
     (["dataset.scale=[0.1,0.2,0.7]"], r"must be a range of two numbers \[min, max\]"),
 ])
@@ -177,3 +177,42 @@ def test_a_run_directory_of_an_older_config_is_refused(tmp_path):
                                           r"model.local_pool_args, model.name, "
                                           r"model.s3pool_grid\)"):
         run(cfg, run_dir)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("downsample", DOWNSAMPLE_OPTIONS)
+def test_every_downsample_option_validates(downsample):
+    cfg = make_cfg([f"model.downsample={downsample}", "model.local_pool_args.s3pool.grid=4"])
+    validate(cfg)
+    assert cfg.model.downsample == downsample
+
+
+@pytest.mark.parametrize("override,match", [
+    (["model.downsample=conv"], r"model.downsample='conv' is unknown; valid options: stride, "
+                                r"max, avg, gfgp, s3pool"),
+    (["model.local_pool_args.s3pool.grid=0"],
+     r"model.local_pool_args.s3pool.grid=0: S3Pool2x2: grid must be >= 1"),
+    (["model.downsample=mypkg.NoSuchPool"],
+     r"importing it failed \(ModuleNotFoundError: No module named 'mypkg'\)"),
+])
+def test_validation_of_the_downsample_keys(override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(make_cfg(override))
+
+
+@pytest.mark.parametrize("name,pool,downsample", [
+    ("pools", "avg,max,flex,flex_softmax,gfgp", "stride"),
+    ("pools_local", "avg", "stride,max,avg,gfgp,s3pool"),
+])
+def test_pools_presets_define_the_grids(name, pool, downsample):
+    cfg = make_cfg([f"experiment={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert params.pool == pool and params["model.downsample"] == downsample
+    assert params.seed == "0,1,2"
+    assert cfg.dataset.name == "digits" and cfg.trainer.epochs == 15
+    for p in pool.split(","):
+        for d in downsample.split(","):
+            validate(make_cfg([f"experiment={name}", f"pool={p}", f"model.downsample={d}"]))

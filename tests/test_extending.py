@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import TINY, make_cfg
+from helpers import TINY, make_cfg
 
 from flexexp.config import check_overrides, validate
 from flexexp.errors import ConfigError

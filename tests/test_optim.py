@@ -91,7 +91,7 @@ def test_the_trainer_reaches_its_first_step_without_torchdynamo(tmp_path):
     code = (
         "import sys, torch\n"
         "from flexexp.config import compose_config\n"
-        "from flexexp.models import build_model\nfrom flexexp.trainer import TrainStep\n"
+        "from flexexp.models import build_model\nfrom flexexp.engine import TrainStep\n"
         "cfg = compose_config(['dataset=synthetic', 'dataset.image_size=8', 'optim=adam'])\n"
         "model = build_model(cfg)\n"
         "step = TrainStep(cfg, model, torch.device('cpu'), None)\n"
@@ -183,7 +183,7 @@ def test_no_decay_groups_bn_biases_and_pools():
 
 
 def test_optim_config_builds_groups_and_rejects_unknown_kinds():
-    from conftest import make_cfg
+    from helpers import make_cfg
 
     from flexexp.config import validate
     from flexexp.errors import ConfigError

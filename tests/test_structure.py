@@ -19,7 +19,7 @@ MAX_FUNCTION_LINES = 60
 MAX_TRAINER_LINES = 300  # exclusive: trainer.py must be shorter
 
 #: Files another refactor is still reshaping: their long functions are reported, not failed.
-IN_PROGRESS = {"pooling.py", "models.py", "config.py", "optim.py", "schema.py"}
+IN_PROGRESS: set[str] = set()  # modules allowed over the limit while they are refactored
 
 
 def module_name(path: Path) -> str:
@@ -158,7 +158,7 @@ def test_a_step_returns_its_numbers_by_name():
     import dataclasses
 
     import torch
-    from conftest import make_cfg
+    from helpers import make_cfg
 
     from flexexp.engine import StepResult, TrainStep
     from flexexp.models import build_model
