@@ -8,7 +8,7 @@ images per second of:
 1. ``compute_bound``: forward, backward and optimiser step on one batch already on the
    device (the limit for this model, precision and memory format);
 2. ``harness``: the trainer's own path: on-device sampling and batched augmentation,
-   the learning-rate function, :class:`~flexexp.trainer.TrainStep` and the counters;
+   the learning-rate function, :class:`~flexexp.engine.TrainStep` and the counters;
 3. ``reference``: the loop the paper's authors published: a dataset of PIL images with
    per-image RandomHorizontalFlip and RandomAffine scaling, ToTensor, Normalize, a
    DataLoader with worker processes, fp32 NCHW. By default it runs in a process of its
@@ -39,26 +39,28 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flexexp.config import check_overrides, compose_config, validate
-from flexexp.data.loader import Augment, DeviceLoader, normalize
+from flexexp.data.loader import normalize
 from flexexp.data.sources import load_arrays
-from flexexp.errors import FlexexpError
-from flexexp.runtime import heap_kept
-from flexexp.trainer import (
+from flexexp.engine import (
     Counters,
     TrainStep,
     autocast_for,
-    build_model,
     configure_process,
     learning_rate,
+    make_train_loader,
     resolve_device,
     resolve_precision,
 )
+from flexexp.errors import FlexexpError
+from flexexp.models import build_model
+from flexexp.runtime import heap_kept
 
 VARIANTS = {  # name -> (overrides on top of the benchmarked config, variant it is timed against)
     "avg": (["pool=avg", "sac=off"], None),
@@ -167,13 +169,10 @@ def heads_step_s(cfg: DictConfig, x: torch.Tensor, device: torch.device, reps: i
 
 def _harness_mode(cfg: DictConfig, arrays, device: torch.device) -> Mode:
     """The trainer's own path: DeviceLoader -> learning_rate -> TrainStep -> Counters."""
-    t, d = cfg.trainer, cfg.dataset
+    t = cfg.trainer
     model, amp, fmt = _bench_model(cfg, device)
     step = TrainStep(cfg, model, device, amp)
-    gen = torch.Generator(device=device).manual_seed(cfg.seed)
-    aug = Augment(flip=d.flip, scale=(d.scale[0], d.scale[1]), translate=d.translate)
-    loader = DeviceLoader(arrays.x_train, arrays.y_train, t.batch_size, d.mean, d.std, device,
-                          train=True, aug=aug, generator=gen, memory_format=fmt)
+    loader, _ = make_train_loader(cfg, arrays, device, fmt)  # the trainer's, in one process
     total = len(loader) * t.epochs
     counters = Counters.zeros(len(model.heads), device)
     state = {"step": 0, "it": iter(())}
@@ -188,7 +187,7 @@ def _harness_mode(cfg: DictConfig, arrays, device: torch.device) -> Mode:
         for _ in range(n):
             x, y = next(state["it"])
             i = state["step"]
-            counters.update(i, y, *step.step(x, y, learning_rate(cfg, i % total, total)))
+            counters.update(i, y, step.step(x, y, learning_rate(cfg, i % total, total)))
             state["step"] += 1
 
     return Mode("harness", run, t.batch_size)
@@ -428,101 +427,29 @@ def _bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmu
     device = resolve_device(cfg.trainer.device)
     configure_process(cfg.trainer, device)  # as the trainer does, for all paths alike
     arrays = load_arrays(OmegaConf.to_object(cfg.dataset))
+    x, y = _first_batch(cfg, arrays, device)
     bs = cfg.trainer.batch_size
-    if bs > len(arrays.y_train):
-        raise FlexexpError(f"trainer.batch_size={bs} is larger than the dataset's "
-                           f"{len(arrays.y_train)} training images; raise dataset.train_size.")
-    d = cfg.dataset
-    x_dev = arrays.x_train[:bs].to(device)
-    mean = torch.tensor(list(d.mean), device=device).expand(d.in_channels).reshape(1, -1, 1, 1)
-    std = torch.tensor(list(d.std), device=device).expand(d.in_channels).reshape(1, -1, 1, 1)
-    x = normalize(x_dev, mean, std)
-    y = arrays.y_train[:bs].to(device)
-
     if reference_process == "own":
         reference = ReferenceProcess(overrides, bs, workers)
         stack.callback(reference.close)
     else:
         reference = _reference_mode(cfg, arrays, device, workers)
-    modes = [_fixed_batch_mode("compute_bound", cfg, x, y, device),
-             _harness_mode(cfg, arrays, device), reference]
-    variant_cfgs = {n: compose_config([*overrides, *VARIANTS[n][0]]) for n in with_bases(variants)}
-    variant_modes = {n: _fixed_batch_mode(f"variant:{n}", c, x, y, device)
-                     for n, c in variant_cfgs.items()}
-    # each compared variant gets its own timed step of its base, right before or after
-    # its own: the ratio of two adjacent steps is the least noisy comparison
-    pairs = [(n, variant_modes[VARIANTS[n][1]], variant_modes[n], [])
-             for n in with_bases(variants) if VARIANTS[n][1] is not None]
-    # a variant in no pair (only `avg` asked for) is timed on its own
-    alone = [m for n, m in variant_modes.items()
-             if not any(n in (p, VARIANTS[p][1]) for p, *_ in pairs)]
+    plan = _plan(cfg, overrides, variants, arrays, x, y, device, reference)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
+    d = cfg.dataset
     print(f"benchmark: {cfg.dataset.name} {d.image_size}x{d.image_size}, batch {bs}, "
           f"{device}, precision {cfg.trainer.precision}, channels_last "
           f"{cfg.trainer.channels_last}, compile {cfg.trainer.compile}; "
           f"{rounds} rounds x {steps} step(s) per mode after {warmup} warm-up step(s)",
           file=sys.stderr)
-    for mode in [*modes, *variant_modes.values()]:  # warm-up: allocator, kernels, workers
+    for mode in [*plan.modes, *plan.variant_modes.values()]:  # allocator, kernels, workers
         mode.run(warmup)
     _sync(device)
-    for r in range(rounds):
-        # every other round in reverse order, so a slow drift of the machine's speed
-        # hits the modes alike instead of always the last ones
-        for mode in modes if r % 2 == 0 else modes[::-1]:
-            mode.time(steps, device)
-        for _, base, mode, ratios in pairs if r % 2 == 0 else pairs[::-1]:
-            for m in (base, mode) if r % 2 == 0 else (mode, base):
-                m.time(steps, device)
-            ratios.append(mode.step_times[-1] / base.step_times[-1])
-        for mode in alone:
-            mode.time(steps, device)
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(
-            f"{m.name} {m.images_per_step / m.step_times[-1]:.0f}" for m in modes[:3]),
-            file=sys.stderr)
-
-    by = {m.name: m for m in modes}
-    out = {
-        "device": str(device),
-        "precision": cfg.trainer.precision,
-        "channels_last": bool(cfg.trainer.channels_last),
-        "compile": bool(cfg.trainer.compile),
-        "keep_heap": heap_kept(),
-        "threads": torch.get_num_threads(),
-        "reference_process": reference_process,
-        "batch_size": bs,
-        "image_size": d.image_size,
-        "rounds": rounds,
-        "steps": steps,
-        "harness_img_s": by["harness"].img_s,
-        "compute_bound_img_s": by["compute_bound"].img_s,
-        "reference_img_s": by["reference"].img_s,
-        # throughputs over the same rounds: ratios of the modes' total (mean) step times
-        "harness_over_compute": by["compute_bound"].step_s / by["harness"].step_s,
-        "harness_over_reference": by["reference"].step_s / by["harness"].step_s,
-        "variant_step_s": {n: m.step_s for n, m in variant_modes.items()},
-        # every round's images/s per mode, in the order the rounds ran
-        "round_img_s": {m.name: [m.images_per_step / t for t in m.step_times] for m in modes},
-    }
-    if pairs:
-        out["variant_base"] = {n: VARIANTS[n][1] for n, *_ in pairs}
-        out["variant_overhead"] = {n: statistics.median(ratios) - 1 for n, _, _, ratios in pairs}
-        # the same comparison for the heads alone, as a fraction of the base's whole step
-        heads = {n: heads_step_s(c, x, device, head_reps) for n, c in variant_cfgs.items()}
-        out["variant_heads_s"] = heads
-        out["variant_heads_overhead"] = {n: (heads[n] - heads[b]) / variant_modes[b].step_s
-                                         for n, b in out["variant_base"].items()}
-        # The summary keys take the worst variant of each kind. flex_overhead and
-        # sac_overhead come from the heads-only timing: the time the variant adds to a
-        # step, measured to ~0.1% of it; the whole-step pairs (the *_steps keys) bound
-        # the same cost only to the machine's noise (a few % on a shared CPU).
-        for key, table in (("", out["variant_heads_overhead"]),
-                           ("_steps", out["variant_overhead"])):
-            flex = [v for n, v in table.items() if n.startswith("flex") and "+sac" not in n]
-            sac = [v for n, v in table.items() if n.endswith("+sac")]
-            out[f"flex_overhead{key}"] = max(flex) if flex else None
-            out[f"sac_overhead{key}"] = max(sac) if sac else None
+    _time_rounds(plan, rounds, steps, device)
+    out = _throughputs(cfg, device, plan, reference_process, rounds, steps)
+    if plan.pairs:
+        out.update(_overheads(plan, x, device, head_reps))
     if isinstance(reference, ReferenceProcess):
         reference.close()  # before the start-up probes: they get the machine to themselves
         out["reference_keep_heap"] = reference.info.get("keep_heap")
@@ -533,6 +460,118 @@ def _bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmu
     out["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def _first_batch(cfg: DictConfig, arrays, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``trainer.batch_size`` training images, normalised, and their labels, on
+    the device: the batch of the fixed-batch modes."""
+    d, bs = cfg.dataset, cfg.trainer.batch_size
+    if bs > len(arrays.y_train):
+        raise FlexexpError(f"trainer.batch_size={bs} is larger than the dataset's "
+                           f"{len(arrays.y_train)} training images; raise dataset.train_size.")
+    x_dev = arrays.x_train[:bs].to(device)
+    mean = torch.tensor(list(d.mean), device=device).expand(d.in_channels).reshape(1, -1, 1, 1)
+    std = torch.tensor(list(d.std), device=device).expand(d.in_channels).reshape(1, -1, 1, 1)
+    return normalize(x_dev, mean, std), arrays.y_train[:bs].to(device)
+
+
+@dataclass
+class _Plan:
+    """What a benchmark times: the three paths, the pool variants and their pairs."""
+
+    modes: list[Mode]  # compute_bound, harness, reference: their throughputs are reported
+    variant_cfgs: dict[str, DictConfig]  # every asked-for variant and the variants' bases
+    variant_modes: dict[str, Mode]  # the same names: each variant's fixed-batch steps
+    pairs: list[tuple[str, Mode, Mode, list[float]]]  # (variant, base, variant's mode, ratios)
+    alone: list[Mode]  # variants in no pair (only `avg` asked for): timed on their own
+
+
+def _plan(cfg: DictConfig, overrides: list[str], variants: list[str], arrays,
+          x: torch.Tensor, y: torch.Tensor, device: torch.device, reference: Mode) -> _Plan:
+    modes = [_fixed_batch_mode("compute_bound", cfg, x, y, device),
+             _harness_mode(cfg, arrays, device), reference]
+    variant_cfgs = {n: compose_config([*overrides, *VARIANTS[n][0]]) for n in with_bases(variants)}
+    variant_modes = {n: _fixed_batch_mode(f"variant:{n}", c, x, y, device)
+                     for n, c in variant_cfgs.items()}
+    # each compared variant gets its own timed step of its base, right before or after
+    # its own: the ratio of two adjacent steps is the least noisy comparison
+    pairs = [(n, variant_modes[VARIANTS[n][1]], variant_modes[n], [])
+             for n in with_bases(variants) if VARIANTS[n][1] is not None]
+    alone = [m for n, m in variant_modes.items()
+             if not any(n in (p, VARIANTS[p][1]) for p, *_ in pairs)]
+    return _Plan(modes, variant_cfgs, variant_modes, pairs, alone)
+
+
+def _time_rounds(plan: _Plan, rounds: int, steps: int, device: torch.device) -> None:
+    """Time ``steps`` steps of every mode per round, alternating their order."""
+    modes = plan.modes
+    for r in range(rounds):
+        # every other round in reverse order, so a slow drift of the machine's speed
+        # hits the modes alike instead of always the last ones
+        for mode in modes if r % 2 == 0 else modes[::-1]:
+            mode.time(steps, device)
+        for _, base, mode, ratios in plan.pairs if r % 2 == 0 else plan.pairs[::-1]:
+            for m in (base, mode) if r % 2 == 0 else (mode, base):
+                m.time(steps, device)
+            ratios.append(mode.step_times[-1] / base.step_times[-1])
+        for mode in plan.alone:
+            mode.time(steps, device)
+        print(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{m.name} {m.images_per_step / m.step_times[-1]:.0f}" for m in modes[:3]),
+            file=sys.stderr)
+
+
+def _throughputs(cfg: DictConfig, device: torch.device, plan: _Plan, reference_process: str,
+                 rounds: int, steps: int) -> dict:
+    """The result's settings and the three paths' images per second."""
+    by = {m.name: m for m in plan.modes}
+    return {
+        "device": str(device),
+        "precision": cfg.trainer.precision,
+        "channels_last": bool(cfg.trainer.channels_last),
+        "compile": bool(cfg.trainer.compile),
+        "keep_heap": heap_kept(),
+        "threads": torch.get_num_threads(),
+        "reference_process": reference_process,
+        "batch_size": cfg.trainer.batch_size,
+        "image_size": cfg.dataset.image_size,
+        "rounds": rounds,
+        "steps": steps,
+        "harness_img_s": by["harness"].img_s,
+        "compute_bound_img_s": by["compute_bound"].img_s,
+        "reference_img_s": by["reference"].img_s,
+        # throughputs over the same rounds: ratios of the modes' total (mean) step times
+        "harness_over_compute": by["compute_bound"].step_s / by["harness"].step_s,
+        "harness_over_reference": by["reference"].step_s / by["harness"].step_s,
+        "variant_step_s": {n: m.step_s for n, m in plan.variant_modes.items()},
+        # every round's images/s per mode, in the order the rounds ran
+        "round_img_s": {m.name: [m.images_per_step / t for t in m.step_times]
+                        for m in plan.modes},
+    }
+
+
+def _overheads(plan: _Plan, x: torch.Tensor, device: torch.device, head_reps: int) -> dict:
+    """Each paired variant's cost over its base: whole steps and the heads alone."""
+    out: dict = {"variant_base": {n: VARIANTS[n][1] for n, *_ in plan.pairs}}
+    out["variant_overhead"] = {n: statistics.median(ratios) - 1
+                               for n, _, _, ratios in plan.pairs}
+    # the same comparison for the heads alone, as a fraction of the base's whole step
+    heads = {n: heads_step_s(c, x, device, head_reps) for n, c in plan.variant_cfgs.items()}
+    out["variant_heads_s"] = heads
+    out["variant_heads_overhead"] = {n: (heads[n] - heads[b]) / plan.variant_modes[b].step_s
+                                     for n, b in out["variant_base"].items()}
+    # The summary keys take the worst variant of each kind. flex_overhead and
+    # sac_overhead come from the heads-only timing: the time the variant adds to a
+    # step, measured to ~0.1% of it; the whole-step pairs (the *_steps keys) bound
+    # the same cost only to the machine's noise (a few % on a shared CPU).
+    for key, table in (("", out["variant_heads_overhead"]),
+                       ("_steps", out["variant_overhead"])):
+        flex = [v for n, v in table.items() if n.startswith("flex") and "+sac" not in n]
+        sac = [v for n, v in table.items() if n.endswith("+sac")]
+        out[f"flex_overhead{key}"] = max(flex) if flex else None
+        out[f"sac_overhead{key}"] = max(sac) if sac else None
     return out
 
 

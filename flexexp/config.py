@@ -1,9 +1,10 @@
-"""Typed schema of the Hydra config, the run-directory name of a cell, and validation.
+"""The Hydra config: composing it, the run-directory name of a cell, and validation.
 
-The YAML files under ``conf/`` hold the values; the dataclasses here hold the types, so
-Hydra rejects a misspelled key or a wrong type while composing. :func:`validate` checks
-what types cannot (ranges, lengths, consistency) and raises :class:`ConfigError` with a
-message that names the key, the value and the fix.
+The YAML files under ``conf/`` hold the values; the dataclasses of :mod:`flexexp.schema`
+hold the types, so Hydra rejects a misspelled key or a wrong type while composing.
+:func:`validate` checks what types cannot (ranges, lengths, consistency, the arguments
+of the layer, optimiser and schedule each option names) and raises :class:`ConfigError`
+with a message that names the key, the value and the fix.
 """
 
 from __future__ import annotations
@@ -14,112 +15,17 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from flexexp.errors import ConfigError
+from flexexp.schema import Config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("dataset", "model", "pool", "sac", "optim", "sched", "trainer", "experiment")
-
-
-@dataclass
-class DatasetConfig:
-    name: str = MISSING  # the option name, e.g. cifar10 (set by conf/dataset/<name>.yaml)
-    source: str = MISSING  # loader in flexexp.data.sources.DATASETS
-    num_classes: int = MISSING
-    in_channels: int = MISSING
-    image_size: int = MISSING
-    mean: list[float] = field(default_factory=lambda: [0.5])
-    std: list[float] = field(default_factory=lambda: [0.5])
-    flip: bool = False  # random horizontal flip (off where mirroring changes the label)
-    scale: list[float] = field(default_factory=lambda: [1.0, 1.0])  # random zoom range
-    translate: int = 0  # random shift of up to this many pixels
-    batch_size: int = 1000  # the dataset's own batch size; trainer.batch_size follows it
-    root: str = "data"
-    download: bool = True
-    verify_checksums: bool = True
-    train_size: int | None = None  # synthetic: images to make; others: null = all
-    test_size: int | None = None
-    data_seed: int = 0  # synthetic data and fixed splits
-
-
-@dataclass
-class ModelConfig:
-    name: str = "resnet20"
-    depth: int = 20
-    width: int = 1
-    downsample: str = "stride"  # stride | max | avg | gfgp | s3pool (stages 2 and 3)
-    s3pool_grid: int = 2  # S3Pool grid cell size in rows/columns (model.downsample=s3pool)
-
-
-@dataclass
-class PoolConfig:
-    name: str = MISSING  # option name: avg | max | flex | flex_reg | ... | flex_softmax | gfgp
-    layer: str = MISSING  # global pool in flexexp.pooling.GLOBAL_POOLS
-    reg: float = 0.0  # coefficient of the Eq. 2 penalty (0 = off)
-    dropout: float = 0.0  # dropout before each linear head
-
-
-@dataclass
-class SacConfig:
-    name: str = MISSING  # on | off
-    enabled: bool = False
-    weights: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.7])
-
-
-@dataclass
-class OptimConfig:
-    name: str = MISSING  # adam | sgd
-    lr: float = 0.1
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    momentum: float = 0.9
-    nesterov: bool = True
-
-
-@dataclass
-class SchedConfig:
-    name: str = MISSING  # onecycle | constant
-    pct_start: float = 0.3
-    div_factor: float = 25.0
-    final_div_factor: float = 1e4
-
-
-@dataclass
-class TrainerConfig:
-    epochs: int = 100
-    batch_size: int = 1000
-    device: str = "auto"  # auto | cpu | cuda
-    eval_every: int = 1  # evaluate on the test split every N epochs (and after the last)
-    threads: int = 0  # CPU threads for torch (0 = torch's default)
-    progress: bool = True  # per-epoch progress bar
-    deterministic: bool = False  # torch.use_deterministic_algorithms (slower on GPU)
-    precision: str = "fp32"  # auto | fp32 | bf16 | fp16 (autocast)
-    channels_last: bool = False  # NHWC memory format
-    compile: bool = False  # torch.compile the model (costs start-up time)
-    keep_heap: bool = True  # CPU: large blocks from glibc's heap, not mmap (flexexp.runtime)
-
-
-@dataclass
-class PathsConfig:
-    runs: str = "runs"
-
-
-@dataclass
-class Config:
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    pool: PoolConfig = field(default_factory=PoolConfig)
-    sac: SacConfig = field(default_factory=SacConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
-    seed: int = 0
 
 
 def compose_config(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
@@ -206,22 +112,43 @@ register_resolvers()
 # ---------------------------------------------------------------------------- validation
 
 
-def _positive(cfg: DictConfig, key: str, fix: str) -> None:
+def _number(cfg: DictConfig, key: str, fix: str) -> float:
+    """The number at ``key`` (an int or a float, not a bool), else a ConfigError."""
     value = OmegaConf.select(cfg, key)
-    if value is None or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{key}={value!r} must be a number: {fix}.")
+    return value
+
+
+def _positive(cfg: DictConfig, key: str, fix: str) -> None:
+    value = _number(cfg, key, fix)
+    if value <= 0:
         raise ConfigError(f"{key}={value} must be positive: {fix}.")
 
 
 def validate(cfg: DictConfig) -> None:
     """Check ranges and consistency that the typed schema cannot; raise :class:`ConfigError`."""
-    from flexexp.data.sources import DATASETS
-    from flexexp.models import DOWNSAMPLE_OPTIONS, VALID_DEPTHS
-    from flexexp.pooling import GLOBAL_POOLS
-
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"no value for {', '.join(missing)}: every key of the schema needs one. A config "
+            f"file of yours (dataset, pool, ...) lacks it; copy the key from the matching "
+            f"file under {CONF_DIR}."
+        )
     _positive(cfg, "trainer.epochs", "give the number of epochs, e.g. trainer.epochs=100")
     _positive(cfg, "trainer.batch_size", "give images per step, e.g. trainer.batch_size=1000")
     _positive(cfg, "optim.lr", "give the (peak) learning rate, e.g. optim.lr=0.1")
     _positive(cfg, "trainer.eval_every", "evaluate every N epochs, e.g. trainer.eval_every=1")
+    _validate_trainer(cfg)
+    _validate_dataset(cfg)
+    _validate_model(cfg)
+    _validate_pool(cfg)
+    _validate_optim(cfg)
+    _validate_sched(cfg)
+    _validate_sac(cfg)
+
+
+def _validate_trainer(cfg: DictConfig) -> None:
     if cfg.trainer.device not in ("auto", "cpu", "cuda") and not str(
         cfg.trainer.device
     ).startswith("cuda:"):
@@ -233,56 +160,53 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.precision={cfg.trainer.precision!r} is unknown: use auto, fp32, bf16 or fp16."
         )
+
+
+def _built(key: str, build: Any) -> Any:
+    """Build a layer the config names, once, to check it: the error names ``key``. The
+    random state is put back, so checking never shifts a run's initialisation."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        try:
+            return build()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{key}: {exc}.") from None
+
+
+def _validate_model(cfg: DictConfig) -> None:
+    from flexexp.models import check_depth, make_local_pool
+    from flexexp.pooling import LOCAL_POOLS
+
+    down = cfg.model.downsample
+    if down != "stride" and down not in LOCAL_POOLS and "." not in down:
+        raise ConfigError(
+            f"model.downsample={down!r} is unknown; valid options: stride, "
+            f"{', '.join(LOCAL_POOLS)} (stride = the strided conv of ResNet20, the others a "
+            "2x2 stride-2 pool after a stride-1 conv), or the import path of a local pool "
+            "class (module.Class), e.g. model.downsample=max."
+        )
+    # every entry, not only the one in use: a typo fails now, not in a later sweep
+    for name in {down, *cfg.model.local_pool_args} - {"stride"}:
+        args = dict(cfg.model.local_pool_args.get(name) or {})
+        key = f"model.downsample={name!r}" if name == down else f"model.local_pool_args.{name}"
+        factory = _built(key, lambda n=name, a=args: make_local_pool(n, **a))
+        given = ", ".join(f"model.local_pool_args.{name}.{k}={v!r}" for k, v in args.items())
+        _built(given or f"model.downsample={name!r}", lambda f=factory: f(1))
+    _built(f"model.depth={cfg.model.depth}", lambda: check_depth(cfg.model.depth))
+
+
+def _validate_dataset(cfg: DictConfig) -> None:
+    from flexexp.data.sources import DATASETS
+    from flexexp.models import check_image_size
+
     if cfg.dataset.source not in DATASETS:
         raise ConfigError(
             f"dataset.source={cfg.dataset.source!r} is unknown; valid sources: "
             f"{', '.join(sorted(DATASETS))}. Select a dataset with dataset=<name>."
         )
-    if cfg.pool.layer not in GLOBAL_POOLS:
-        raise ConfigError(
-            f"pool.layer={cfg.pool.layer!r} is unknown; valid layers: "
-            f"{', '.join(sorted(GLOBAL_POOLS))}."
-        )
-    if cfg.model.downsample not in DOWNSAMPLE_OPTIONS:
-        raise ConfigError(
-            f"model.downsample={cfg.model.downsample!r} is unknown; valid options: "
-            f"{', '.join(DOWNSAMPLE_OPTIONS)} (stride = the strided conv of ResNet20, the "
-            "others a 2x2 stride-2 pool after a stride-1 conv), e.g. model.downsample=max."
-        )
-    if cfg.model.s3pool_grid < 1:
-        raise ConfigError(
-            f"model.s3pool_grid={cfg.model.s3pool_grid} must be >= 1 (S3Pool's grid cell size "
-            "in rows/columns; 1 = no randomness, larger = more distortion), e.g. 2."
-        )
-    if cfg.model.depth not in VALID_DEPTHS:
-        raise ConfigError(
-            f"model.depth={cfg.model.depth} is not a CIFAR ResNet depth; use one of "
-            f"{', '.join(map(str, VALID_DEPTHS))} (6n+2)."
-        )
-    if cfg.dataset.image_size < 4:
-        raise ConfigError(
-            f"dataset.image_size={cfg.dataset.image_size} is too small for ResNet20's three "
-            "stages (each of the last two halves the map): use at least 4, e.g. 32."
-        )
-    if not 0.0 <= cfg.pool.dropout < 1.0:
-        raise ConfigError(f"pool.dropout={cfg.pool.dropout} must be in [0, 1), e.g. 0.25.")
-    if cfg.pool.reg < 0:
-        raise ConfigError(f"pool.reg={cfg.pool.reg} must be >= 0 (0 turns the penalty off).")
-    weights = list(cfg.sac.weights)
-    if cfg.sac.enabled:
-        if len(weights) != 3:
-            raise ConfigError(
-                f"sac.weights={weights} must have 3 entries, one per stage head "
-                "(stage 1, stage 2, main), e.g. sac.weights=[0.1,0.2,0.7]."
-            )
-        if any(w < 0 for w in weights):
-            raise ConfigError(f"sac.weights={weights} must not be negative, e.g. [0.1,0.2,0.7].")
-        if not all(a < b for a, b in zip(weights, weights[1:], strict=False)):
-            warnings.warn(
-                f"sac.weights={weights} are not increasing; the paper requires l1 < l2 < l3 "
-                "for stable learning",
-                stacklevel=2,
-            )
+    _built(f"dataset.image_size={cfg.dataset.image_size}",
+           lambda: check_image_size(cfg.dataset.image_size))
     for key in ("mean", "std"):
         stats = list(cfg.dataset[key])
         if len(stats) not in (1, cfg.dataset.in_channels):
@@ -305,12 +229,121 @@ def validate(cfg: DictConfig) -> None:
         )
 
 
+def _validate_pool(cfg: DictConfig) -> None:
+    from flexexp.models import pool_kwargs
+    from flexexp.pooling import build_pool
+
+    for key, kind in (("name", str), ("layer", str), ("reg", float), ("dropout", float)):
+        value = cfg.pool.get(key)
+        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+            raise ConfigError(
+                f"pool.{key}={value!r} must be {'a string' if kind is str else 'a number'}: "
+                f"every pool config has name, layer, reg and dropout (see {CONF_DIR}/pool/)."
+            )
+    if not 0.0 <= cfg.pool.dropout < 1.0:
+        raise ConfigError(f"pool.dropout={cfg.pool.dropout} must be in [0, 1), e.g. 0.25.")
+    if cfg.pool.reg < 0:
+        raise ConfigError(f"pool.reg={cfg.pool.reg} must be >= 0 (0 turns the penalty off).")
+    kwargs = pool_kwargs(cfg.pool)
+    _built(f"pool.layer={cfg.pool.layer!r} with {kwargs or 'no arguments'}",
+           lambda: build_pool(cfg.pool.layer, 1, 1, 1, **kwargs))
+
+
+def _validate_optim(cfg: DictConfig) -> None:
+    from flexexp.optim import NO_DECAY_KINDS, OPTIM_SHARED_KEYS, OPTIMIZERS
+    from flexexp.pooling import check_arguments
+
+    o = cfg.optim
+    if o.get("name") not in OPTIMIZERS:
+        raise ConfigError(f"optim.name={o.get('name')!r} is unknown; valid names: "
+                          f"{', '.join(sorted(OPTIMIZERS))} (optim=<name>).")
+    no_decay = o.get("no_decay")
+    if not isinstance(no_decay, ListConfig) or any(k not in NO_DECAY_KINDS for k in no_decay):
+        raise ConfigError(f"optim.no_decay={o.get('no_decay')} must list some of "
+                          f"{', '.join(NO_DECAY_KINDS)}, e.g. optim.no_decay=[bn,pool] "
+                          "(or [] for weight decay on every parameter).")
+    if _number(cfg, "optim.weight_decay", "e.g. optim.weight_decay=5e-4") < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0.")
+    kwargs = {k: v for k, v in o.items() if k not in OPTIM_SHARED_KEYS}
+    args = {"lr": o.lr, "weight_decay": o.weight_decay, **kwargs}
+    _built(f"optim={o.name}", lambda: check_arguments(OPTIMIZERS[o.name], ([],), args,
+                                                      f"optimiser {o.name!r}"))
+    # built once on a dummy parameter: the optimiser checks its own values (betas, ...)
+    given = ", ".join(f"optim.{k}={v!r}" for k, v in args.items())
+    _built(f"optim={o.name} with {given}", lambda: OPTIMIZERS[o.name](
+        [{"params": [_dummy_parameter()]}], **args))
+
+
+def _validate_sched(cfg: DictConfig) -> None:
+    from flexexp.pooling import check_arguments
+
+    schedules = {"onecycle": _onecycle_keys, "constant": _constant_keys}
+    name = cfg.sched.get("name")
+    if name not in schedules:
+        raise ConfigError(f"sched.name={name!r} is unknown; valid names: "
+                          f"{', '.join(schedules)} (sched=<name>).")
+    kwargs = {k: v for k, v in cfg.sched.items() if k != "name"}
+    _built(f"sched={name}", lambda: check_arguments(schedules[name], (), kwargs,
+                                                    f"schedule {name!r}"))
+    for key in kwargs:
+        _positive(cfg, f"sched.{key}", f"see {CONF_DIR}/sched/{name}.yaml")
+    if name == "onecycle" and not cfg.sched.pct_start < 1:
+        raise ConfigError(f"sched.pct_start={cfg.sched.pct_start} must be in (0, 1), e.g. 0.3.")
+
+
+def _dummy_parameter() -> Any:
+    import torch
+
+    return torch.nn.Parameter(torch.zeros(1))
+
+
+def _onecycle_keys(pct_start: float, div_factor: float, final_div_factor: float) -> None:
+    """The one-cycle schedule's parameters (sched=onecycle)."""
+
+
+def _constant_keys() -> None:
+    """A constant LR takes none (sched=constant)."""
+
+
+def _validate_sac(cfg: DictConfig) -> None:
+    weights = list(cfg.sac.weights)
+    if cfg.sac.enabled:
+        if len(weights) != 3:
+            raise ConfigError(
+                f"sac.weights={weights} must have 3 entries, one per stage head "
+                "(stage 1, stage 2, main), e.g. sac.weights=[0.1,0.2,0.7]."
+            )
+        if any(w < 0 for w in weights):
+            raise ConfigError(f"sac.weights={weights} must not be negative, e.g. [0.1,0.2,0.7].")
+        if not all(a < b for a, b in zip(weights, weights[1:], strict=False)):
+            warnings.warn(
+                f"sac.weights={weights} are not increasing; the paper requires l1 < l2 < l3 "
+                "for stable learning",
+                stacklevel=2,
+            )
+
+
 # ---------------------------------------------------------------------------- preflight
 
 
 def group_options(group: str, conf_dir: Path = CONF_DIR) -> list[str]:
     """Option names of a config group (the YAML files in ``conf/<group>/``)."""
     return sorted(p.stem for p in (conf_dir / group).glob("*.yaml"))
+
+
+def _searchpath_dirs(overrides: list[str]) -> list[Path] | None:
+    """Config folders a ``hydra.searchpath=[file://DIR,...]`` override adds (a user's own
+    pools and datasets); None if it names one this check cannot read."""
+    dirs: list[Path] = []
+    for text in overrides:
+        key, _, value = text.lstrip("+~").partition("=")
+        if key != "hydra.searchpath":
+            continue
+        for item in filter(None, (v.strip().strip("'\"") for v in value.strip("[]").split(","))):
+            if not item.startswith("file://"):
+                return None
+            dirs.append(Path(item.removeprefix("file://")))
+    return dirs
 
 
 def _schema_keys(node: Any) -> dict[str, Any]:
@@ -324,6 +357,9 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
     Hydra's own errors catch these too; this gives the message a list of valid names and
     a closest match. Only plain ``key=value`` command-line overrides are checked.
     """
+    extra_dirs = _searchpath_dirs(overrides)
+    if extra_dirs is None:
+        return  # a search path this check cannot read (pkg://): Hydra checks the names
     for text in overrides:
         if text.startswith("-") or "=" not in text:
             continue
@@ -343,7 +379,7 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
         parts = key.split(".")
         top = parts[0]
         if len(parts) == 1 and top in GROUPS:
-            options = group_options(top, conf_dir)
+            options = sorted({o for d in (conf_dir, *extra_dirs) for o in group_options(top, d)})
             if value.startswith("["):
                 raise ConfigError(
                     f"override {text!r} gives the config group {top!r} a list; a group takes "
@@ -355,6 +391,9 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
             if value not in options and not (value == "null" and top == "experiment"):
                 raise ConfigError(_unknown(f"option {value!r} for group {top!r}", value, options,
                                            f"{top}=<option>"))
+            continue
+        if top in OPEN_GROUPS and len(parts) > 1:
+            _check_open_key(text, parts, overrides, conf_dir)
             continue
         node: Any = Config
         for depth, part in enumerate(parts):
@@ -369,6 +408,41 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
                 _check_value(key, value, get_type_hints(type(node) if not isinstance(node, type)
                                                         else node)[part])
             node = keys[part]
+
+
+#: Config sections whose keys depend on the option chosen (each option's YAML lists them).
+OPEN_GROUPS = ("pool", "optim", "sched")
+
+
+def _chosen_option(group: str, overrides: list[str], conf_dir: Path) -> str | None:
+    """The option of ``group`` these overrides select, else the root config's default."""
+    for text in overrides:
+        key, _, value = text.lstrip("+~").partition("=")
+        if key == group:
+            return None if "," in value else value
+    for entry in OmegaConf.load(conf_dir / "config.yaml").get("defaults", []):
+        if isinstance(entry, DictConfig) and group in entry:
+            return str(entry[group])
+    return None
+
+
+def _check_open_key(text: str, parts: list[str], overrides: list[str], conf_dir: Path) -> None:
+    """``pool.<key>=...`` (likewise optim, sched): the key must be one of the chosen
+    option's YAML, since Hydra adds no key to it from the command line."""
+    top = parts[0]
+    option = _chosen_option(top, overrides, conf_dir)
+    found = [d / top / f"{option}.yaml" for d in (*(_searchpath_dirs(overrides) or []), conf_dir)]
+    path = next((p for p in found if p.is_file()), found[-1])
+    if option is None or not path.is_file():
+        return  # a sweep over options, or a user's option outside conf/: Hydra checks it
+    keys = sorted(k for k in OmegaConf.load(path) if k != "defaults")
+    if parts[1] not in keys:
+        raise ConfigError(
+            f"override {text!r}: {top}={option} has no key {parts[1]!r}; its keys are "
+            f"{', '.join(keys)}. A keyword argument of the {top} that its config does not set "
+            f"needs a config of its own: copy {path} into your config folder (found through "
+            f"hydra.searchpath), add the key there, and select it with {top}=<its name>."
+        )
 
 
 _SCALARS = {
@@ -409,7 +483,7 @@ def _example(typ: type) -> str:
 
 def check_runs_root(overrides: list[str]) -> None:
     """Fail early if ``paths.runs`` cannot hold run directories (Hydra creates them first)."""
-    root = Path(PathsConfig.runs)
+    root = Path(str(OmegaConf.load(CONF_DIR / "config.yaml").paths.runs))
     for text in overrides:
         if text.lstrip("+~").startswith("paths.runs="):
             root = Path(text.split("=", 1)[1])

@@ -7,24 +7,46 @@ the new channels). With SAC (PAPER.md sec. 2) every stage gets a head
 ``pool -> (dropout) -> linear``, each pool sized to its stage's map; the last head is
 the main classifier.
 
-``downsample`` chooses how stages 2 and 3 halve the map (PAPER.md sec. 5): ``stride``
+``local_pool`` chooses how stages 2 and 3 halve the map (PAPER.md sec. 5): ``None``
 (He et al.: the first block's first conv has stride 2, the shortcut keeps every second
-row and column) or a local pool of :data:`flexexp.pooling.LOCAL_POOLS` (``max``,
-``avg``, ``gfgp``, ``s3pool``): that conv runs at stride 1 and is followed by the 2x2,
-stride-2 pool, and the shortcut is pooled by the same pool in the same call (one S3Pool
-draw, one GFGP lambda for both), so the branch and the identity stay aligned. Every
-option halves ``H`` to ``ceil(H/2)``, so ``stage_shapes`` do not depend on it.
+row and column) or a factory ``channels -> pool`` of a 2x2, stride-2 local pool
+(:data:`flexexp.pooling.LOCAL_POOLS`: ``max``, ``avg``, ``gfgp``, ``s3pool``): that conv
+runs at stride 1 and is followed by the pool, and the shortcut is pooled by the same
+pool in the same call (one S3Pool draw, one GFGP lambda for both), so the branch and the
+identity stay aligned. Every option halves ``H`` to ``ceil(H/2)``, so ``stage_shapes``
+do not depend on it.
+
+The model and its blocks take factories, not pool names and their parameters: a pool's
+own settings (FlexPool's ``normalize``, S3Pool's ``grid``, dropout before the head)
+travel inside the factory, from the pool's config to its constructor
+(:func:`build_model`, :func:`make_head`, :func:`make_local_pool`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from flexexp.pooling import LOCAL_POOLS, LocalPool, build_local_pool, build_pool
+from flexexp.pooling import (
+    LOCAL_POOLS,
+    build_local_pool,
+    build_pool,
+    check_arguments,
+    resolve_layer,
+)
 
 __all__ = [
+    "build_model",
+    "check_depth",
+    "check_image_size",
+    "make_head",
+    "make_local_pool",
+    "pool_kwargs",
     "BasicBlock",
     "Head",
     "CifarResNet",
@@ -36,8 +58,33 @@ __all__ = [
 
 VALID_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 STAGE_WIDTHS = (16, 32, 64)
-#: ``model.downsample`` values: the strided conv of He et al., or a local pool by name.
+#: ``model.downsample`` values: the strided conv of He et al., or a local pool by name
+#: (or by import path).
 DOWNSAMPLE_OPTIONS = ("stride", *LOCAL_POOLS)
+#: ``(channels, height, width, num_classes) -> head``: ``(B, C, H, W) -> (B, K)`` logits.
+HeadFactory = Callable[[int, int, int, int], nn.Module]
+#: ``channels -> local pool``: ``(B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))``.
+LocalPoolFactory = Callable[[int], nn.Module]
+#: Keys of a pool config that are not the layer's keyword arguments.
+POOL_SHARED_KEYS = ("name", "layer", "reg", "dropout")
+
+
+def check_depth(depth: int) -> None:
+    """Raise ``ValueError`` unless ``depth`` is a CIFAR ResNet depth (6n+2, listed)."""
+    if depth not in VALID_DEPTHS:
+        raise ValueError(
+            f"ResNet depth must be one of {', '.join(map(str, VALID_DEPTHS))} (6n+2 with n "
+            f"blocks per stage), got {depth}"
+        )
+
+
+def check_image_size(image_size: int) -> None:
+    """Raise ``ValueError`` if the three stages cannot halve ``image_size`` twice."""
+    if image_size < 4:
+        raise ValueError(
+            f"image_size {image_size} is too small: the three stages halve it twice, "
+            "so it must be at least 4 (e.g. 32)"
+        )
 
 
 class ShortcutA(nn.Module):
@@ -64,9 +111,10 @@ class ShortcutA(nn.Module):
 class BasicBlock(nn.Module):
     """conv3x3-BN-ReLU-conv3x3-BN, plus shortcut, then ReLU.
 
-    With ``stride=2`` and ``downsample`` a local pool name, the block computes
+    With ``stride=2`` and a ``local_pool`` factory, the block computes
     ``conv1 (stride 1) -> pool -> BN -> ReLU -> conv2 -> BN`` and adds
-    ``pad_channels(pool(x))``, both pooled in one :meth:`LocalPool.pool_pair` call.
+    ``pad_channels(pool(x))``, both pooled in one ``pool_pair`` call where the pool has
+    one (:class:`flexexp.pooling.LocalPool`), else in two calls.
     Shapes: ``(B, C_in, H, W) -> (B, C_out, ceil(H/s), ceil(W/s))`` for either form.
     """
 
@@ -75,25 +123,16 @@ class BasicBlock(nn.Module):
         in_channels: int,
         out_channels: int,
         stride: int = 1,
-        downsample: str = "stride",
-        s3pool_grid: int = 2,
+        local_pool: LocalPoolFactory | None = None,
     ) -> None:
         super().__init__()
-        if downsample not in DOWNSAMPLE_OPTIONS:
-            raise ValueError(
-                f"unknown downsample {downsample!r}; valid names: {', '.join(DOWNSAMPLE_OPTIONS)}"
-            )
-        pooled = stride != 1 and downsample != "stride"
+        pooled = stride != 1 and local_pool is not None
         if pooled and stride != 2:
-            raise ValueError(
-                f"downsample={downsample!r} pools 2x2 at stride 2, got stride {stride}"
-            )
+            raise ValueError(f"a local pool downsamples 2x2 at stride 2, got stride {stride}")
         conv_stride = 1 if pooled else stride
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, conv_stride, 1, bias=False)
         # None unless this block downsamples with a pool (keeps the default's modules as-is)
-        self.pool: LocalPool | None = (
-            build_local_pool(downsample, out_channels, s3pool_grid) if pooled else None
-        )
+        self.pool: nn.Module | None = local_pool(out_channels) if pooled else None
         self.bn1 = nn.BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
@@ -109,7 +148,10 @@ class BasicBlock(nn.Module):
         else:
             # pool the identity before padding it: half the channels, no zeros to pool
             offset = getattr(self.shortcut, "offset", 0)
-            out, skip = self.pool.pool_pair(self.conv1(x), x, offset)
+            if hasattr(self.pool, "pool_pair"):
+                out, skip = self.pool.pool_pair(self.conv1(x), x, offset)
+            else:  # a user's pool: the same module on both maps
+                out, skip = self.pool(self.conv1(x)), self.pool(x)
             skip = self.shortcut(skip)
         out = F.relu(self.bn1(out))
         out = self.bn2(self.conv2(out))
@@ -119,11 +161,10 @@ class BasicBlock(nn.Module):
 class Head(nn.Module):
     """Classifier head ``(B, C, H, W) -> pool -> (B, C) -> dropout -> linear -> (B, K)``."""
 
-    def __init__(
-        self, pool: str, channels: int, height: int, width: int, num_classes: int, dropout: float
-    ) -> None:
+    def __init__(self, pool: nn.Module, channels: int, num_classes: int, dropout: float = 0.0
+                 ) -> None:
         super().__init__()
-        self.pool = build_pool(pool, channels, height, width)
+        self.pool = pool
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(channels, num_classes)
 
@@ -144,31 +185,18 @@ class CifarResNet(nn.Module):
         num_classes: int = 10,
         in_channels: int = 3,
         image_size: int = 32,
-        pool: str = "avg",
+        head: HeadFactory | None = None,
         sac: bool = False,
-        dropout: float = 0.0,
         width: int = 1,
-        downsample: str = "stride",
-        s3pool_grid: int = 2,
+        local_pool: LocalPoolFactory | None = None,
     ) -> None:
         super().__init__()
-        # an unknown downsample name is rejected by the first BasicBlock below
-        if s3pool_grid < 1:
-            raise ValueError(f"s3pool_grid must be >= 1 (S3Pool grid cell size), got {s3pool_grid}")
-        if depth not in VALID_DEPTHS:
-            raise ValueError(
-                f"ResNet depth must be one of {VALID_DEPTHS} (6n+2 with n blocks per stage), "
-                f"got {depth}"
-            )
-        if image_size < 4:
-            raise ValueError(
-                f"image_size {image_size} is too small: the three stages halve it twice, "
-                "so it must be at least 4"
-            )
+        head = head or make_head("avg")
+        check_depth(depth)
+        check_image_size(image_size)
         blocks = (depth - 2) // 6
         widths = [w * width for w in STAGE_WIDTHS]
         self.depth, self.sac, self.num_classes = depth, sac, num_classes
-        self.downsample = downsample
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
             nn.BatchNorm2d(widths[0]),
@@ -180,7 +208,7 @@ class CifarResNet(nn.Module):
             stride = 1 if i == 0 else 2
             # ceil: a stride-2 3x3 conv with padding 1, and the ceil-mode 2x2 pools alike
             size = -(-size // stride)
-            layers = [BasicBlock(c_in, c_out, stride, downsample, s3pool_grid)]
+            layers = [BasicBlock(c_in, c_out, stride, local_pool)]
             layers += [BasicBlock(c_out, c_out) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*layers))
             sizes.append(size)
@@ -190,7 +218,7 @@ class CifarResNet(nn.Module):
         tapped = range(3) if sac else [2]
         self.head_stages = list(tapped)
         self.heads = nn.ModuleList(
-            Head(pool, *self.stage_shapes[i], num_classes, dropout) for i in tapped
+            head(*self.stage_shapes[i], num_classes) for i in tapped
         )
         self._init_weights()
 
@@ -238,6 +266,26 @@ def resnet(depth: int = 20, **kwargs) -> CifarResNet:
     return CifarResNet(depth=depth, **kwargs)
 
 
+def make_head(pool: str = "avg", dropout: float = 0.0, **pool_kwargs: Any) -> HeadFactory:
+    """A :class:`Head` factory: the global pool ``pool`` (registry name or import path)
+    built with ``pool_kwargs`` for each head's map, dropout ``dropout`` before the linear."""
+    def head(channels: int, height: int, width: int, num_classes: int) -> nn.Module:
+        return Head(build_pool(pool, channels, height, width, **pool_kwargs), channels,
+                    num_classes, dropout)
+    return head
+
+
+def make_local_pool(downsample: str, **kwargs: Any) -> LocalPoolFactory | None:
+    """``None`` for ``stride``, else a factory of the local pool ``downsample`` (registry
+    name or import path) built with ``kwargs``."""
+    if downsample == "stride":
+        return None
+    # fail here on a bad name or argument (without building: no random draws)
+    check_arguments(resolve_layer(downsample, LOCAL_POOLS, "local pool"), (1,), kwargs,
+                    f"local pool {downsample!r}")
+    return lambda channels: build_local_pool(downsample, channels, **kwargs)
+
+
 def resnet20(
     num_classes: int = 10,
     in_channels: int = 3,
@@ -246,17 +294,36 @@ def resnet20(
     sac: bool = False,
     dropout: float = 0.0,
     downsample: str = "stride",
-    s3pool_grid: int = 2,
+    pool_kwargs: dict[str, Any] | None = None,
+    downsample_kwargs: dict[str, Any] | None = None,
 ) -> CifarResNet:
-    """ResNet20 (0.27M parameters with avg pooling and 10 classes)."""
+    """ResNet20 (0.27M parameters with avg pooling and 10 classes), by pool names."""
     return CifarResNet(
         20,
         num_classes=num_classes,
         in_channels=in_channels,
         image_size=image_size,
-        pool=pool,
+        head=make_head(pool, dropout, **(pool_kwargs or {})),
         sac=sac,
-        dropout=dropout,
-        downsample=downsample,
-        s3pool_grid=s3pool_grid,
+        local_pool=make_local_pool(downsample, **(downsample_kwargs or {})),
+    )
+
+
+def pool_kwargs(pool_cfg: Any) -> dict[str, Any]:
+    """The keyword arguments of a pool config's layer: its keys but the shared ones."""
+    return {k: v for k, v in dict(pool_cfg).items() if k not in POOL_SHARED_KEYS}
+
+
+def build_model(cfg: DictConfig) -> CifarResNet:
+    """The model a run's config describes (``model``, ``dataset``, ``pool``, ``sac``)."""
+    local_args = cfg.model.local_pool_args.get(cfg.model.downsample) or {}
+    return CifarResNet(
+        depth=cfg.model.depth,
+        num_classes=cfg.dataset.num_classes,
+        in_channels=cfg.dataset.in_channels,
+        image_size=cfg.dataset.image_size,
+        head=make_head(cfg.pool.layer, cfg.pool.dropout, **pool_kwargs(cfg.pool)),
+        sac=cfg.sac.enabled,
+        width=cfg.model.width,
+        local_pool=make_local_pool(cfg.model.downsample, **dict(local_args)),
     )

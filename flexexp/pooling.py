@@ -19,14 +19,22 @@ replaces) and is built by name with :func:`build_local_pool`. Valid names are th
 of :data:`LOCAL_POOLS`: ``max``, ``avg``, ``gfgp`` (GFGP over each window) and
 ``s3pool`` (stochastic spatial sampling, PAPER.md sec. 5).
 
+Both builders also take the import path of a user's class (``mypkg.pools.LSEPool2d``,
+built as ``cls(channels, height, width, **kwargs)`` for a global pool and
+``cls(channels, **kwargs)`` for a local one), so a pool is added without editing
+flexexp; the keyword arguments come from the pool's own config.
+
 Pools that carry a penalty (FlexPool) expose ``regularization()``; the model sums it
 over all its pools.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable
 from functools import lru_cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +55,8 @@ __all__ = [
     "LOCAL_POOLS",
     "build_pool",
     "build_local_pool",
+    "resolve_layer",
+    "check_arguments",
     "flex_pool",
     "gfgp_pool",
     "gfgp_local_pool",
@@ -203,28 +213,86 @@ class GlobalGFGP2d(nn.Module):
         return self.pool_with_lambda(x, self.guide(x))
 
 
-PoolFactory = Callable[[int, int, int], nn.Module]
+def _avg(channels: int, height: int, width: int) -> nn.Module:
+    return GlobalAvgPool2d()
 
-#: Global pools by name: ``factory(channels, height, width) -> module``.
-GLOBAL_POOLS: dict[str, PoolFactory] = {
-    "avg": lambda c, h, w: GlobalAvgPool2d(),
-    "max": lambda c, h, w: GlobalMaxPool2d(),
-    "flex": lambda c, h, w: FlexPool2d(c, h, w),
-    "flex_softmax": lambda c, h, w: FlexPool2d(c, h, w, normalize="softmax"),
-    "gfgp": lambda c, h, w: GlobalGFGP2d(c),
+
+def _max(channels: int, height: int, width: int) -> nn.Module:
+    return GlobalMaxPool2d()
+
+
+def _flex(channels: int, height: int, width: int, normalize: str | None = None) -> nn.Module:
+    return FlexPool2d(channels, height, width, normalize=normalize)
+
+
+def _flex_softmax(channels: int, height: int, width: int) -> nn.Module:
+    return FlexPool2d(channels, height, width, normalize="softmax")
+
+
+def _gfgp(channels: int, height: int, width: int) -> nn.Module:
+    return GlobalGFGP2d(channels)
+
+
+#: Global pools by name: ``factory(channels, height, width, **kwargs) -> module``. A pool
+#: config's ``layer`` is one of these names or the import path of a class (or function)
+#: called the same way (``mypkg.pools.LSEPool2d``); its other keys are the ``kwargs``.
+GLOBAL_POOLS: dict[str, Callable[..., nn.Module]] = {
+    "avg": _avg,
+    "max": _max,
+    "flex": _flex,
+    "flex_softmax": _flex_softmax,
+    "gfgp": _gfgp,
 }
 
 
-def build_pool(name: str, channels: int, height: int, width: int) -> nn.Module:
-    """Build the global pool called ``name`` for maps of shape ``(channels, height, width)``."""
-    try:
-        factory = GLOBAL_POOLS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown global pool {name!r}; valid names: {', '.join(sorted(GLOBAL_POOLS))}"
-        ) from None
-    return factory(channels, height, width)
+def resolve_layer(name: str, registry: dict[str, Callable[..., nn.Module]], kind: str
+                  ) -> Callable[..., nn.Module]:
+    """The factory called ``name``: a key of ``registry``, or ``module.attr`` imported.
 
+    Raises ``ValueError`` naming the registry's names and, for an import path, why the
+    import failed.
+    """
+    if name in registry:
+        return registry[name]
+    names = ", ".join(sorted(registry))
+    if "." not in name:
+        raise ValueError(f"unknown {kind} {name!r}; valid names: {names}, or the import path "
+                         f"of a class, e.g. mypkg.pools.MyPool")
+    module, _, attr = name.rpartition(".")
+    try:
+        factory = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"unknown {kind} {name!r}: it is not a registry name ({names}) and importing it "
+            f"failed ({type(exc).__name__}: {exc}); put its package on PYTHONPATH"
+        ) from None
+    if not callable(factory):
+        raise ValueError(f"{kind} {name!r} is not a class or function")
+    return factory
+
+
+def check_arguments(factory: Callable[..., nn.Module], args: tuple, kwargs: dict[str, Any],
+                    what: str) -> None:
+    """Raise ``ValueError`` if ``factory(*args, **kwargs)`` would not bind (a misspelled
+    or missing keyword): the message lists the keywords it takes."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: let the call decide
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        takes = [n for n in list(sig.parameters)[len(args):] if n != "self"]
+        raise ValueError(f"{what}: {exc}; it takes {', '.join(takes) or 'no keyword arguments'}"
+                         ) from None
+
+
+def build_pool(name: str, channels: int, height: int, width: int, **kwargs: Any) -> nn.Module:
+    """Build the global pool ``name`` (registry name or import path) for maps of shape
+    ``(channels, height, width)``, with its own keyword arguments."""
+    factory = resolve_layer(name, GLOBAL_POOLS, "global pool")
+    check_arguments(factory, (channels, height, width), kwargs, f"global pool {name!r}")
+    return factory(channels, height, width, **kwargs)
 
 
 # ---------------------------------------------------------------------------- local pools
@@ -396,7 +464,7 @@ class S3Pool2x2(LocalPool):
     ``avg_pool2d(m, 2, 2)``. ``pool_pair`` uses one draw for a branch and its shortcut.
     """
 
-    def __init__(self, grid: int = 2, generator: torch.Generator | None = None) -> None:
+    def __init__(self, grid: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if grid < 1:
             raise ValueError(f"S3Pool2x2: grid must be >= 1 (cell size in rows), got {grid}")
@@ -424,26 +492,37 @@ class S3Pool2x2(LocalPool):
         return f"grid={self.grid}"
 
 
-LocalPoolFactory = Callable[[int, int], LocalPool]
+def _max2(channels: int) -> LocalPool:
+    return MaxPool2x2()
 
-#: Local (downsampling) pools by name: ``factory(channels, s3pool_grid) -> module``.
-LOCAL_POOLS: dict[str, LocalPoolFactory] = {
-    "max": lambda c, grid: MaxPool2x2(),
-    "avg": lambda c, grid: AvgPool2x2(),
-    "gfgp": lambda c, grid: GFGPPool2x2(c),
-    "s3pool": lambda c, grid: S3Pool2x2(grid),
+
+def _avg2(channels: int) -> LocalPool:
+    return AvgPool2x2()
+
+
+def _gfgp2(channels: int) -> LocalPool:
+    return GFGPPool2x2(channels)
+
+
+def _s3pool(channels: int, grid: int) -> LocalPool:
+    return S3Pool2x2(grid)
+
+
+#: Local (downsampling) pools by name: ``factory(channels, **kwargs) -> module``; their
+#: keyword arguments come from ``model.local_pool_args.<name>`` (S3Pool's ``grid``). An
+#: import path names a class called the same way; one without ``pool_pair`` pools the
+#: branch and the shortcut in two calls.
+LOCAL_POOLS: dict[str, Callable[..., nn.Module]] = {
+    "max": _max2,
+    "avg": _avg2,
+    "gfgp": _gfgp2,
+    "s3pool": _s3pool,
 }
 
 
-def build_local_pool(name: str, channels: int, s3pool_grid: int = 2) -> LocalPool:
-    """Build the 2x2 stride-2 pool called ``name`` for maps with ``channels`` channels.
-
-    ``s3pool_grid`` is S3Pool's grid cell size (ignored by the others).
-    """
-    try:
-        factory = LOCAL_POOLS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown local pool {name!r}; valid names: {', '.join(sorted(LOCAL_POOLS))}"
-        ) from None
-    return factory(channels, s3pool_grid)
+def build_local_pool(name: str, channels: int, **kwargs: Any) -> nn.Module:
+    """Build the 2x2 stride-2 pool ``name`` (registry name or import path) for maps with
+    ``channels`` channels, with its own keyword arguments (``grid`` for ``s3pool``)."""
+    factory = resolve_layer(name, LOCAL_POOLS, "local pool")
+    check_arguments(factory, (channels,), kwargs, f"local pool {name!r}")
+    return factory(channels, **kwargs)

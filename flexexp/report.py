@@ -60,7 +60,7 @@ POOLS_COLUMNS = ["dataset", "sac", "pool", "downsample", "n", "mean", "std", "mi
                  "params", "extra_params", "step_ms"]
 TABLE_COLUMNS = ["dataset", "variant", "n", "mean", "std", "min", "max", "paper", "delta"]
 REQUIRED = ("dataset", "pool", "sac", "seed", "status")
-DEFAULT_PAPER_DIR = Path(__file__).resolve().parent.parent / "results" / "paper"
+DEFAULT_PAPER_DIR = Path(__file__).resolve().parent / "paper"  # the published numbers (an input)
 
 
 # ---------------------------------------------------------------------------- reading
@@ -423,7 +423,7 @@ USAGE = """usage: python -m flexexp.report [paths.runs=DIR] [out_dir=DIR] [paper
 Rebuild Tables 1 and 2 from every result.json under paths.runs (default runs/) into
 out_dir (default results/), and Table 3 when there are runs of the related pools (pool=max,
 gfgp or flex_softmax, or model.downsample other than stride). paper_dir holds the paper's
-table1.csv and table2.csv (default: results/paper of this checkout)."""
+table1.csv and table2.csv (default: flexexp/paper/, the published numbers)."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -115,6 +115,25 @@ class TensorBoardLogger:
             if value is not None:
                 self.writer.add_scalar(tag, value, step)
 
+    def epoch(self, e: dict[str, Any], model: torch.nn.Module, step: int) -> None:
+        """An epoch's history entry ``e`` as scalars; with its test accuracies, the
+        FlexPool weights of ``model`` (its ``flex_pools()``) as pictures too."""
+        scalars = {
+            "train/loss": e["train_loss"],
+            "train/acc": e["train_acc"],
+            "train/lr": e["lr"],
+            "train/penalty": e["penalty"],
+            "train/images_per_s": e["images_per_s"],
+            **{f"train/loss_{h}": v for h, v in e["train_loss_heads"].items()},
+        }
+        if "test_acc" in e:
+            scalars["test/acc_main"] = e["test_acc"]
+            scalars.update({f"test/acc_{h}": v for h, v in e["test_acc_aux"].items()})
+            scalars["test/top5_main"] = e.get("test_top5")
+            scalars.update({f"test/top5_{h}": v for h, v in e.get("test_top5_aux", {}).items()})
+            self.flex_weights(model.flex_pools(), step)
+        self.scalars(scalars, step)
+
     def flex_weights(self, pools: list[tuple[str, torch.nn.Module]], step: int) -> None:
         """One picture per FlexPool: a grid of its per-channel weight maps, min-max scaled."""
         if self.writer is None or not pools:

@@ -1,4 +1,6 @@
-"""Tolerances that follow from the dtype and the size of the computation.
+"""Shared test helpers: the real config and CLI, fault injection, and tolerances.
+
+Tolerances follow from the dtype and the size of the computation.
 
 A floating-point result may differ from machine to machine (another kernel, thread count,
 instruction set or summation order), so no test compares one against a number that
@@ -21,12 +23,23 @@ not tight: a correct kernel lands far inside it, and a wrong formula far outside
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor
 
+from flexexp.config import compose_config
+from flexexp.models import resnet20
+
 __all__ = [
+    "REPO", "TINY", "REAL_FMNIST", "KILL_MID_EPOCH_2", "make_cfg", "run_cli", "start_train",
+    "DOWN_ARGS", "net", "n_params", "avg2", "max2", "avg2_bound",
     "unit_roundoff", "gamma", "sum_error_bound", "softmax_sum_bound", "assert_within",
     "approx_f64", "approx_csv",
 ]
@@ -97,3 +110,103 @@ def approx_csv(value: float, decimals: int = 4, scale: float = 100.0) -> object:
     larger than ``scale``; accuracies are at most 100) differ by ``gamma_16 * scale``."""
     return pytest.approx(value, rel=0,
                          abs=0.5 * 10.0**-decimals + gamma(16, torch.float64) * scale)
+
+
+# ---------------------------------------------------------------------------- runs
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Overrides that shrink a run to seconds on a CPU.
+TINY = [
+    "dataset=synthetic",
+    "dataset.image_size=16",
+    "dataset.train_size=256",
+    "dataset.test_size=128",
+    "trainer.batch_size=64",
+    "trainer.epochs=1",
+    "trainer.progress=false",
+    "trainer.device=cpu",
+    "trainer.threads=1",
+]
+
+
+def make_cfg(overrides: list[str] | None = None, return_hydra_config: bool = False
+             ) -> DictConfig:
+    """The real composed config (conf/config.yaml) with ``overrides`` applied."""
+    return compose_config(list(overrides or []), return_hydra_config)
+
+
+def run_cli(args: list[str], cwd: Path, module: str = "flexexp.train",
+            timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``python -m <module> args`` in ``cwd`` the way a user does."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "0",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+#: Code for :func:`start_train`: SIGKILL the run at the third batch of its second epoch,
+#: right after its first checkpoint, at the same step on any machine however fast (a
+#: timed kill can land after a fast machine has finished the run).
+KILL_MID_EPOCH_2 = """
+import os, signal
+import flexexp.tracking as tracking
+from flexexp.data.loader import DeviceLoader
+_saved = {"n": 0}
+_real_write, _real_iter = tracking.atomic_write_bytes, DeviceLoader.__iter__
+def _counting_write(path, data):
+    _real_write(path, data)
+    if str(path).endswith("last.pt"):
+        _saved["n"] += 1
+def _dying_iter(self):
+    for i, batch in enumerate(_real_iter(self)):
+        if self.train and _saved["n"] >= 1 and i == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+tracking.atomic_write_bytes = _counting_write
+DeviceLoader.__iter__ = _dying_iter
+"""
+
+
+def start_train(args: list[str], cwd: Path, extra_code: str = "") -> subprocess.Popen:
+    """Start ``python -m flexexp.train args`` in the background, with ``extra_code`` run
+    first in the same process (fault injection: see :data:`KILL_MID_EPOCH_2`)."""
+    code = f"{extra_code}\nimport sys\nsys.argv = ['flexexp.train', *{args!r}]\n" \
+           "from flexexp.train import main\nmain()\n"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+#: Where Debian's package dataset-fashion-mnist puts the real files (the realdata tests').
+REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+# ---------------------------------------------------------------------------- pools
+
+#: Keyword arguments of the local pools that take some (conf/model/resnet20.yaml's values).
+DOWN_ARGS = {"s3pool": {"grid": 2}}
+
+
+def net(**kwargs) -> torch.nn.Module:
+    """resnet20 with the local pool's arguments from DOWN_ARGS."""
+    down = kwargs.get("downsample", "stride")
+    return resnet20(downsample_kwargs=DOWN_ARGS.get(down), **kwargs)
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def avg2(x: torch.Tensor) -> torch.Tensor:
+    return F.avg_pool2d(x, 2, 2, ceil_mode=True)
+
+
+def max2(x: torch.Tensor) -> torch.Tensor:
+    return F.max_pool2d(x, 2, 2, ceil_mode=True)
+
+
+def avg2_bound(x: torch.Tensor) -> torch.Tensor:
+    """Two 2x2 window means of ``x`` computed in different orders differ by at most
+    twice the error bound of a 4-term sum and its division: ``2 gamma_5 mean|x|``."""
+    return 2 * sum_error_bound(avg2(x.detach().abs().double()), 5, x.dtype)

@@ -4,12 +4,13 @@ import math
 
 import pytest
 import torch
-from conftest import make_cfg
-from helpers import gamma
+from helpers import gamma, make_cfg
+from omegaconf import open_dict
 
 from flexexp.config import GROUPS, cell_hash, cell_name, check_overrides, group_options, validate
+from flexexp.engine import onecycle_lr
 from flexexp.errors import ConfigError
-from flexexp.trainer import onecycle_lr
+from flexexp.models import DOWNSAMPLE_OPTIONS
 
 
 @pytest.mark.parametrize("group", [g for g in GROUPS if g != "experiment"])
@@ -45,14 +46,14 @@ def test_dataset_shapes(name, classes, channels):
 @pytest.mark.parametrize("override,match", [
     (["trainer.epochs=0"], "trainer.epochs=0 must be positive"),
     (["trainer.batch_size=-5"], "trainer.batch_size=-5 must be positive"),
-    (["optim.lr=0"], "optim.lr=0.0 must be positive"),
+    (["optim.lr=0"], "optim.lr=0 must be positive"),
     (["sac=on", "sac.weights=[0.5,0.5]"], "must have 3 entries"),
     (["sac=on", "sac.weights=[-0.1,0.2,0.7]"], "must not be negative"),
-    (["dataset.image_size=2"], "too small for ResNet20"),
+    (["dataset.image_size=2"], "dataset.image_size=2: image_size 2 is too small"),
     (["trainer.device=tpu"], "is not a device"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown"),
     (["pool.dropout=1.5"], r"pool.dropout=1.5 must be in \[0, 1\)"),
-    (["model.depth=21"], "not a CIFAR ResNet depth"),
+    (["model.depth=21"], r"model.depth=21: ResNet depth must be one of 8, 14, 20.*\(6n\+2"),
     (["dataset=cifar10", "dataset.mean=[0.5,0.5]"], "one value per channel"),
     (["dataset.scale=[0.1,0.2,0.7]"], r"must be a range of two numbers \[min, max\]"),
 ])
@@ -70,7 +71,7 @@ def test_non_increasing_sac_weights_warn():
     (["pool=flx"], r"Unknown option 'flx' for group 'pool'. Did you mean 'flex'"),
     (["dataset=cifar"], r"Valid names: .*cifar10.*cifar100"),
     (["trainer.epoch=3"], r"Did you mean 'epochs'"),
-    (["optim.learning_rate=1"], r"no 'learning_rate' in optim"),
+    (["optim.learning_rate=1"], r"optim=adam has no key .learning_rate.; its keys are betas, lr"),
     (["+trainer.foo=1"], r"bypasses the schema"),
     (["pool=[0.1,0.2,0.7]"], r"gives the config group 'pool' a list.*pool=avg,flex"),
     (["pool=null"], r"Unknown option 'null' for group 'pool'"),
@@ -116,3 +117,102 @@ def test_onecycle_matches_torch(pct, total):
     assert onecycle_lr(0, total, 0.1, pct) == pytest.approx(0.1 / 25, rel=0, abs=lr_tol)
     assert max(onecycle_lr(s, total, 0.1, pct) for s in range(total)) <= 0.1 + lr_tol
     assert not math.isnan(onecycle_lr(total - 1, total, 0.1, pct))
+
+
+def test_unknown_schedule_and_missing_values_are_refused():
+    with pytest.raises(ConfigError, match=r"sched.name='cosine' is unknown; valid names: "
+                                          r"onecycle, constant"):
+        validate(make_cfg(["sched.name=cosine"]))
+    with pytest.raises(ConfigError, match=r"schedule 'constant': got an unexpected keyword "
+                                          r"argument 'pct_start'"):
+        cfg = make_cfg(["sched=constant"])
+        with open_dict(cfg):
+            cfg.sched.pct_start = 0.3  # a constant LR takes no one-cycle parameters
+        validate(cfg)
+    with pytest.raises(ConfigError, match=r"no value for dataset.flip: every key of the "
+                                          r"schema needs one"):
+        validate(make_cfg(["dataset.flip=???"]))
+
+
+def test_no_dead_keys_and_every_default_written_once():
+    """The schema holds types only (MISSING), the YAML the values; options carry only the
+    keys their layer, optimiser or schedule takes."""
+    import dataclasses
+
+    from flexexp import schema
+
+    for cls in (schema.DatasetConfig, schema.ModelConfig, schema.SacConfig,
+                schema.TrainerConfig, schema.PathsConfig):
+        for f in dataclasses.fields(cls):
+            assert f.default == "???", f"{cls.__name__}.{f.name} has a default in the schema"
+    for overrides in ([], ["optim=sgd", "sched=constant"]):
+        cfg = make_cfg(overrides)
+        assert "name" not in cfg.model and "s3pool_grid" not in cfg.model
+        if cfg.optim.name == "adam":
+            assert "momentum" not in cfg.optim and "nesterov" not in cfg.optim
+        else:
+            assert "betas" not in cfg.optim
+        if cfg.sched.name == "constant":
+            assert list(cfg.sched) == ["name"]
+
+
+def test_a_run_directory_of_an_older_config_is_refused(tmp_path):
+    """Removing dead keys changed every cell's hash: a directory written before is never
+    reused silently, it is refused with the keys that differ."""
+    import json
+
+    from flexexp.config import cell_config
+    from flexexp.trainer import run
+
+    cfg = make_cfg(["dataset=synthetic", "dataset.train_size=64", "dataset.test_size=32",
+                    "dataset.image_size=8", "trainer.batch_size=32", "trainer.epochs=1",
+                    "trainer.progress=false", "trainer.device=cpu"])
+    old = cell_config(cfg)
+    old["model"] = {**old["model"], "name": "resnet20", "s3pool_grid": 2}
+    del old["model"]["local_pool_args"]
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "cell.json").write_text(json.dumps({"hash": "0ld0ld00", "config": old}))
+    with pytest.raises(ConfigError, match=r"holds a run of a different config \(differs in: "
+                                          r"model.local_pool_args, model.name, "
+                                          r"model.s3pool_grid\)"):
+        run(cfg, run_dir)
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("downsample", DOWNSAMPLE_OPTIONS)
+def test_every_downsample_option_validates(downsample):
+    cfg = make_cfg([f"model.downsample={downsample}", "model.local_pool_args.s3pool.grid=4"])
+    validate(cfg)
+    assert cfg.model.downsample == downsample
+
+
+@pytest.mark.parametrize("override,match", [
+    (["model.downsample=conv"], r"model.downsample='conv' is unknown; valid options: stride, "
+                                r"max, avg, gfgp, s3pool"),
+    (["model.local_pool_args.s3pool.grid=0"],
+     r"model.local_pool_args.s3pool.grid=0: S3Pool2x2: grid must be >= 1"),
+    (["model.downsample=mypkg.NoSuchPool"],
+     r"importing it failed \(ModuleNotFoundError: No module named 'mypkg'\)"),
+])
+def test_validation_of_the_downsample_keys(override, match):
+    with pytest.raises(ConfigError, match=match):
+        validate(make_cfg(override))
+
+
+@pytest.mark.parametrize("name,pool,downsample", [
+    ("pools", "avg,max,flex,flex_softmax,gfgp", "stride"),
+    ("pools_local", "avg", "stride,max,avg,gfgp,s3pool"),
+])
+def test_pools_presets_define_the_grids(name, pool, downsample):
+    cfg = make_cfg([f"experiment={name}"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert params.pool == pool and params["model.downsample"] == downsample
+    assert params.seed == "0,1,2"
+    assert cfg.dataset.name == "digits" and cfg.trainer.epochs == 15
+    for p in pool.split(","):
+        for d in downsample.split(","):
+            validate(make_cfg([f"experiment={name}", f"pool={p}", f"model.downsample={d}"]))

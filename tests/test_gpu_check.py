@@ -8,8 +8,8 @@ import subprocess
 
 import pandas as pd
 import pytest
-from conftest import REPO
 from datafiles import write_fashion_mnist
+from helpers import REPO
 
 SCRIPT = REPO / "scripts" / "gpu_check.sh"
 

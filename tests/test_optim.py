@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flexexp.optim import Adam
+from flexexp.optim import Adam, build_optimizer, no_decay_parameters, param_groups
 
 
 def _model() -> torch.nn.Module:
@@ -91,7 +91,7 @@ def test_the_trainer_reaches_its_first_step_without_torchdynamo(tmp_path):
     code = (
         "import sys, torch\n"
         "from flexexp.config import compose_config\n"
-        "from flexexp.trainer import TrainStep, build_model\n"
+        "from flexexp.models import build_model\nfrom flexexp.engine import TrainStep\n"
         "cfg = compose_config(['dataset=synthetic', 'dataset.image_size=8', 'optim=adam'])\n"
         "model = build_model(cfg)\n"
         "step = TrainStep(cfg, model, torch.device('cpu'), None)\n"
@@ -126,3 +126,76 @@ def test_grad_scaler_skips_a_step_with_inf_gradients_and_takes_the_next():
     scaler.update()
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert all(float(st["step"]) == 1.0 for st in opt.state.values())
+
+
+# ---------------------------------------------------------------------------- parameter groups
+
+
+def _groups(model: torch.nn.Module) -> list[dict]:
+    """Decayed conv/linear weights, and BN + biases without decay, as no_decay builds."""
+    return param_groups(model, ["bn", "bias"])
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_parameter_groups_and_decoupled_decay_are_bit_identical_to_torch(decoupled):
+    ours, ref = _model(), _model()
+    o_ours = Adam(_groups(ours), lr=1e-2, weight_decay=0.05, decoupled_weight_decay=decoupled)
+    ref_cls = torch.optim.AdamW if decoupled else torch.optim.Adam
+    o_ref = ref_cls(_groups(ref), lr=1e-2, weight_decay=0.05)
+    _train(ours, o_ours, 5)
+    _train(ref, o_ref, 5)
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    s_ours, s_ref = o_ours.state_dict(), o_ref.state_dict()
+    assert [g["params"] for g in s_ours["param_groups"]] == \
+        [g["params"] for g in s_ref["param_groups"]]
+    assert [g["weight_decay"] for g in s_ours["param_groups"]] == [0.05, 0.0]
+    # the state round-trips into a fresh optimiser with the same groups, not another's
+    again = Adam(_groups(copy.deepcopy(ours)), lr=1e-2, weight_decay=0.05,
+                 decoupled_weight_decay=decoupled)
+    again.load_state_dict(s_ours)
+    with pytest.raises(ValueError, match="another optim.no_decay"):
+        Adam(copy.deepcopy(ours).parameters(), lr=1e-2).load_state_dict(s_ours)
+
+
+def test_no_decay_groups_bn_biases_and_pools():
+    from flexexp.models import resnet20
+
+    model = resnet20(pool="flex", sac=True, downsample="gfgp")
+    names = {id(p): n for n, p in model.named_parameters()}
+
+    def exempt(kinds):
+        return sorted(names[i] for i in no_decay_parameters(model, kinds))
+
+    bn = exempt(["bn"])
+    assert bn and all(".bn" in n or "stem.1" in n for n in bn)
+    assert all(n.endswith(".bias") for n in exempt(["bias"]))
+    pools = exempt(["pool"])
+    # each head's FlexPool weight and each downsampling GFGP guide, nothing else
+    assert sum(n.startswith("heads.") for n in pools) == 3
+    assert {n.split(".pool.")[0] for n in pools if n.startswith("stages.")} == \
+        {"stages.1.0", "stages.2.0"}
+    assert all(".pool." in n for n in pools)
+    groups = param_groups(model, ["bn", "pool"])
+    assert [g.get("weight_decay") for g in groups] == [None, 0.0]
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert param_groups(model, []) == [{"params": list(model.parameters())}]
+
+
+def test_optim_config_builds_groups_and_rejects_unknown_kinds():
+    from helpers import make_cfg
+
+    from flexexp.config import validate
+    from flexexp.errors import ConfigError
+    from flexexp.models import build_model
+
+    cfg = make_cfg(["optim.no_decay=[bn,pool]", "optim.weight_decay=5e-4", "pool=flex"])
+    validate(cfg)
+    opt = build_optimizer(cfg, build_model(cfg))
+    assert [g["weight_decay"] for g in opt.param_groups] == [5e-4, 0.0]
+    with pytest.raises(ConfigError, match=r"optim.no_decay=\['batchnorm'\] must list some of "
+                                          r"bn, bias, pool"):
+        validate(make_cfg(["optim.no_decay=[batchnorm]"]))
+    sgd = make_cfg(["optim=sgd", "optim.no_decay=[bn]"])
+    validate(sgd)
+    assert isinstance(build_optimizer(sgd, build_model(sgd)), torch.optim.SGD)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
-from conftest import make_cfg
+from helpers import make_cfg
 from omegaconf import OmegaConf
 
 from flexexp.probe import main

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REAL_FMNIST, TINY, run_cli
+from helpers import REAL_FMNIST, TINY, run_cli
 from omegaconf import OmegaConf
 
 from flexexp.config import compose_config

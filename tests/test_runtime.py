@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TINY, run_cli
+from helpers import TINY, run_cli
 
 from flexexp.tracking import read_json
 

@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 from omegaconf import OmegaConf
 
-from flexexp.config import DatasetConfig, check_overrides, compose_config, register_configs
+from flexexp.config import check_overrides, compose_config, register_configs
 from flexexp.errors import ConfigError, FlexexpError
+from flexexp.schema import DatasetConfig
 
 USAGE = """\
 usage: python -m flexexp.data download dataset=NAME[,NAME...|all] [dataset.root=DIR] [key=value ...]

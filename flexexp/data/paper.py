@@ -46,10 +46,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from flexexp.config import DatasetConfig
 from flexexp.data import cache
-from flexexp.data.sources import ImageArrays, _subsample, fit_size
+from flexexp.data.sources import ImageArrays, fit_size, subsample_split
 from flexexp.errors import DataError
+from flexexp.schema import DatasetConfig
 
 log = logging.getLogger(__name__)
 
@@ -680,8 +680,8 @@ def _decoded(ds: PaperDataset, name: str, root: Path, spec: DatasetConfig) -> Im
 
 def subsample(arrays: ImageArrays, spec: DatasetConfig) -> ImageArrays:
     """Keep ``spec.train_size``/``spec.test_size`` random images (None = all), seeded."""
-    x_tr, y_tr = _subsample(arrays.x_train, arrays.y_train, spec.train_size, spec.data_seed)
-    x_te, y_te = _subsample(arrays.x_test, arrays.y_test, spec.test_size, spec.data_seed + 1)
+    x_tr, y_tr = subsample_split(arrays.x_train, arrays.y_train, spec.train_size, spec.data_seed)
+    x_te, y_te = subsample_split(arrays.x_test, arrays.y_test, spec.test_size, spec.data_seed + 1)
     return ImageArrays(x_tr, y_tr, x_te, y_te)
 
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexexp.config import DatasetConfig
 from flexexp.errors import DataError
+from flexexp.schema import DatasetConfig
 
-__all__ = ["ImageArrays", "DATASETS", "DataError", "load_arrays", "fit_size"]
+__all__ = ["ImageArrays", "DATASETS", "DataError", "load_arrays", "fit_size", "subsample_split"]
 
 
 @dataclass
@@ -68,7 +68,7 @@ def fit_size(x: Tensor, size: int) -> Tensor:
     return out.round_().clamp_(0, 255).to(torch.uint8)
 
 
-def _subsample(x: Tensor, y: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
+def subsample_split(x: Tensor, y: Tensor, n: int | None, seed: int) -> tuple[Tensor, Tensor]:
     if n is None or n >= len(y):
         return x, y
     idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
@@ -91,8 +91,8 @@ def load_digits(spec: DatasetConfig) -> ImageArrays:
         train_idx.append(idx[n_test:])
     tr, te = np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(test_idx))
     x, y = torch.from_numpy(images), torch.from_numpy(labels)
-    x_tr, y_tr = _subsample(x[tr], y[tr], spec.train_size, spec.data_seed)
-    x_te, y_te = _subsample(x[te], y[te], spec.test_size, spec.data_seed + 1)
+    x_tr, y_tr = subsample_split(x[tr], y[tr], spec.train_size, spec.data_seed)
+    x_te, y_te = subsample_split(x[te], y[te], spec.test_size, spec.data_seed + 1)
     return ImageArrays(fit_size(x_tr, spec.image_size), y_tr, fit_size(x_te, spec.image_size), y_te)
 
 

@@ -27,11 +27,12 @@ import torch
 from datafiles import TINY_COLOURS, WRITERS, write_cifar10, write_fashion_mnist
 from omegaconf import OmegaConf
 
-from flexexp.config import DatasetConfig, compose_config, register_configs
+from flexexp.config import compose_config, register_configs
 from flexexp.data import cache, paper
 from flexexp.data.__main__ import main as data_main
 from flexexp.data.sources import load_arrays
 from flexexp.errors import DataError
+from flexexp.schema import DatasetConfig
 
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["cifar10", "cifar100", "fashion_mnist", "tiny_imagenet"]
