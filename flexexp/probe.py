@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from flexexp.cli import parse_options
 from flexexp.files import atomic_write_text
 
 __all__ = ["load_probe", "probe_tables", "main"]
@@ -166,17 +167,10 @@ out_dir (default results/fmnist-probe): probe.csv, curves.csv and README.md."""
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    opts = {"paths.runs": "runs/fmnist-probe", "out_dir": "results/fmnist-probe"}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(USAGE)
-            return 0
-        key, sep, value = arg.partition("=")
-        if not sep or key not in opts:
-            print(f"error: unknown argument {arg!r}; valid: paths.runs=DIR, out_dir=DIR.\n\n"
-                  f"{USAGE}", file=sys.stderr)
-            return 2
-        opts[key] = value
+    opts = parse_options(argv, {"paths.runs": "runs/fmnist-probe",
+                                "out_dir": "results/fmnist-probe"}, USAGE)
+    if isinstance(opts, int):
+        return opts
     runs_dir, out = Path(opts["paths.runs"]), Path(opts["out_dir"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

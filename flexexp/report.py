@@ -40,6 +40,8 @@ from typing import Any
 
 import pandas as pd
 
+from flexexp.cli import parse_options
+
 log = logging.getLogger("flexexp.report")
 
 PAPER_DATASETS = ["cifar10", "fashion_mnist", "cifar100", "tiny_imagenet"]
@@ -429,17 +431,10 @@ table1.csv and table2.csv (default: flexexp/paper/, the published numbers)."""
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    opts = {"paths.runs": "runs", "out_dir": "results", "paper_dir": str(DEFAULT_PAPER_DIR)}
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(USAGE)
-            return 0
-        key, sep, value = arg.partition("=")
-        if not sep or key not in opts:
-            print(f"error: unknown argument {arg!r}; valid: {', '.join(k + '=DIR' for k in opts)}."
-                  f"\n\n{USAGE}", file=sys.stderr)
-            return 2
-        opts[key] = value
+    opts = parse_options(argv, {"paths.runs": "runs", "out_dir": "results",
+                                "paper_dir": str(DEFAULT_PAPER_DIR)}, USAGE)
+    if isinstance(opts, int):
+        return opts
     runs_dir = Path(opts["paths.runs"])
     if not runs_dir.is_dir():
         print(f"error: no runs directory {runs_dir}: train first (python -m flexexp.train ...) "
