@@ -78,7 +78,30 @@ def cell_config(cfg: DictConfig | dict) -> dict[str, Any]:
         for p in parents:
             node = node.get(p, {})
         node.pop(leaf, None)
+    _as_floats(data)
     return data
+
+
+#: Real-valued keys of the open sections (no schema types them): ``optim.lr=1`` is the
+#: same cell as ``optim.lr=1.0``, and every ``sched`` value but its name is real.
+FLOAT_KEYS = ("pool.reg", "pool.dropout", "optim.lr", "optim.weight_decay", "optim.betas")
+
+
+def _as_floats(data: dict[str, Any]) -> None:
+    """Integers at :data:`FLOAT_KEYS` (and in ``sched``) become floats, in place."""
+    def real(v: Any) -> Any:
+        if isinstance(v, list):
+            return [real(x) for x in v]
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    for dotted in FLOAT_KEYS:
+        section, key = dotted.split(".")
+        node = data.get(section)
+        if isinstance(node, dict) and key in node:
+            node[key] = real(node[key])
+    sched = data.get("sched")
+    if isinstance(sched, dict):
+        data["sched"] = {k: v if k == "name" else real(v) for k, v in sched.items()}
 
 
 def cell_hash(cfg: DictConfig | dict) -> str:
@@ -170,14 +193,16 @@ def _built(key: str, build: Any) -> Any:
     with torch.random.fork_rng(devices=[]):
         try:
             return build()
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"{key}: {exc}.") from None
+        except Exception as exc:  # a user's layer may raise anything: name the key
+            kind = "" if isinstance(exc, ValueError | TypeError) else f"{type(exc).__name__}: "
+            raise ConfigError(f"{key}: {kind}{exc}.") from None
 
 
 def _validate_model(cfg: DictConfig) -> None:
     from flexexp.models import check_depth, make_local_pool
     from flexexp.pooling import LOCAL_POOLS
 
+    _built(f"model.depth={cfg.model.depth}", lambda: check_depth(cfg.model.depth))
     down = cfg.model.downsample
     if down != "stride" and down not in LOCAL_POOLS and "." not in down:
         raise ConfigError(
@@ -192,8 +217,10 @@ def _validate_model(cfg: DictConfig) -> None:
         key = f"model.downsample={name!r}" if name == down else f"model.local_pool_args.{name}"
         factory = _built(key, lambda n=name, a=args: make_local_pool(n, **a))
         given = ", ".join(f"model.local_pool_args.{name}.{k}={v!r}" for k, v in args.items())
-        _built(given or f"model.downsample={name!r}", lambda f=factory: f(1))
-    _built(f"model.depth={cfg.model.depth}", lambda: check_depth(cfg.model.depth))
+        # stage 2's first block: a map of stage 2's width at stage 1's size, halved
+        (_, size, _), (c, half, _) = stage_shapes(cfg)[:2]
+        _built(given or f"model.downsample={name!r}", lambda f=factory, c=c, s=size, o=half:
+               _check_shape(f(c), (c, s, s), (c, o, o)))
 
 
 def _validate_dataset(cfg: DictConfig) -> None:
@@ -235,7 +262,11 @@ def _validate_pool(cfg: DictConfig) -> None:
 
     for key, kind in (("name", str), ("layer", str), ("reg", float), ("dropout", float)):
         value = cfg.pool.get(key)
-        if not isinstance(value, kind) and not (kind is float and isinstance(value, int)):
+        if kind is str:
+            ok = isinstance(value, str)
+        else:
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+        if not ok:
             raise ConfigError(
                 f"pool.{key}={value!r} must be {'a string' if kind is str else 'a number'}: "
                 f"every pool config has name, layer, reg and dropout (see {CONF_DIR}/pool/)."
@@ -245,8 +276,9 @@ def _validate_pool(cfg: DictConfig) -> None:
     if cfg.pool.reg < 0:
         raise ConfigError(f"pool.reg={cfg.pool.reg} must be >= 0 (0 turns the penalty off).")
     kwargs = pool_kwargs(cfg.pool)
+    c, h, w = stage_shapes(cfg)[-1]  # the main head's map
     _built(f"pool.layer={cfg.pool.layer!r} with {kwargs or 'no arguments'}",
-           lambda: build_pool(cfg.pool.layer, 1, 1, 1, **kwargs))
+           lambda: _check_shape(build_pool(cfg.pool.layer, c, h, w, **kwargs), (c, h, w), (c,)))
 
 
 def _validate_optim(cfg: DictConfig) -> None:
@@ -289,6 +321,26 @@ def _validate_sched(cfg: DictConfig) -> None:
         _positive(cfg, f"sched.{key}", f"see {CONF_DIR}/sched/{name}.yaml")
     if name == "onecycle" and not cfg.sched.pct_start < 1:
         raise ConfigError(f"sched.pct_start={cfg.sched.pct_start} must be in (0, 1), e.g. 0.3.")
+
+
+def stage_shapes(cfg: DictConfig) -> list[tuple[int, int, int]]:
+    """``(C, H, W)`` of the three stages' maps for this config (as CifarResNet has them)."""
+    from flexexp.models import STAGE_WIDTHS
+
+    s = cfg.dataset.image_size
+    sizes = [s, -(-s // 2), -(-s // 4)]
+    return [(w * cfg.model.width, z, z) for w, z in zip(STAGE_WIDTHS, sizes, strict=True)]
+
+
+def _check_shape(layer: Any, shape: tuple[int, int, int], out: tuple[int, ...]) -> None:
+    """Run ``layer`` on zeros of ``(2, *shape)`` and check it gives ``(2, *out)``."""
+    import torch
+
+    with torch.no_grad():
+        y = layer.eval()(torch.zeros(2, *shape))
+    if tuple(y.shape) != (2, *out):
+        raise ValueError(f"it maps a (2, {', '.join(map(str, shape))}) map to "
+                         f"{tuple(y.shape)}, not (2, {', '.join(map(str, out))})")
 
 
 def _dummy_parameter() -> Any:
@@ -430,18 +482,23 @@ def _check_open_key(text: str, parts: list[str], overrides: list[str], conf_dir:
     """``pool.<key>=...`` (likewise optim, sched): the key must be one of the chosen
     option's YAML, since Hydra adds no key to it from the command line."""
     top = parts[0]
+    if any(t.lstrip("+~").startswith("experiment=") for t in overrides):
+        return  # a preset may choose the option itself: Hydra checks the key
     option = _chosen_option(top, overrides, conf_dir)
-    found = [d / top / f"{option}.yaml" for d in (*(_searchpath_dirs(overrides) or []), conf_dir)]
+    # Hydra's order: conf/ first, then the search path
+    found = [d / top / f"{option}.yaml" for d in (conf_dir, *(_searchpath_dirs(overrides) or []))]
     path = next((p for p in found if p.is_file()), found[-1])
     if option is None or not path.is_file():
         return  # a sweep over options, or a user's option outside conf/: Hydra checks it
     keys = sorted(k for k in OmegaConf.load(path) if k != "defaults")
     if parts[1] not in keys:
+        close = difflib.get_close_matches(parts[1], keys, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(
-            f"override {text!r}: {top}={option} has no key {parts[1]!r}; its keys are "
-            f"{', '.join(keys)}. A keyword argument of the {top} that its config does not set "
-            f"needs a config of its own: copy {path} into your config folder (found through "
-            f"hydra.searchpath), add the key there, and select it with {top}=<its name>."
+            f"override {text!r}: {top}={option} has no key {parts[1]!r}.{hint} Its keys are "
+            f"{', '.join(keys)}. To pass another keyword argument that its layer, optimiser "
+            f"or schedule takes, copy {path} under a new name into your config folder (found "
+            f"through hydra.searchpath), add the key there and select it with {top}=<new name>."
         )
 
 

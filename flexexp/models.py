@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from flexexp.pooling import (
@@ -150,9 +150,9 @@ class BasicBlock(nn.Module):
             offset = getattr(self.shortcut, "offset", 0)
             if hasattr(self.pool, "pool_pair"):
                 out, skip = self.pool.pool_pair(self.conv1(x), x, offset)
-            else:  # a user's pool: the same module on both maps
-                out, skip = self.pool(self.conv1(x)), self.pool(x)
-            skip = self.shortcut(skip)
+                skip = self.shortcut(skip)
+            else:  # a user's pool, built for C_out channels: pad the shortcut, then pool it
+                out, skip = self.pool(self.conv1(x)), self.pool(self.shortcut(x))
         out = F.relu(self.bn1(out))
         out = self.bn2(self.conv2(out))
         return F.relu(out + skip)
@@ -311,12 +311,15 @@ def resnet20(
 
 def pool_kwargs(pool_cfg: Any) -> dict[str, Any]:
     """The keyword arguments of a pool config's layer: its keys but the shared ones."""
-    return {k: v for k, v in dict(pool_cfg).items() if k not in POOL_SHARED_KEYS}
+    items = OmegaConf.to_container(pool_cfg, resolve=True) if isinstance(pool_cfg, DictConfig) \
+        else dict(pool_cfg)
+    return {k: v for k, v in items.items() if k not in POOL_SHARED_KEYS}
 
 
 def build_model(cfg: DictConfig) -> CifarResNet:
     """The model a run's config describes (``model``, ``dataset``, ``pool``, ``sac``)."""
-    local_args = cfg.model.local_pool_args.get(cfg.model.downsample) or {}
+    local_args = OmegaConf.to_container(cfg.model.local_pool_args, resolve=True).get(
+        cfg.model.downsample) or {}
     return CifarResNet(
         depth=cfg.model.depth,
         num_classes=cfg.dataset.num_classes,

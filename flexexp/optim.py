@@ -190,6 +190,8 @@ def _adam(groups: list[dict[str, Any]], lr: float, weight_decay: float,
 
 def _sgd(groups: list[dict[str, Any]], lr: float, weight_decay: float, momentum: float,
          nesterov: bool) -> torch.optim.Optimizer:
+    if not isinstance(nesterov, bool):  # a string would be truthy: nesterov on by accident
+        raise TypeError(f"SGD's nesterov must be true or false, got {nesterov!r}")
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
                            weight_decay=weight_decay)
 

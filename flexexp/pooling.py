@@ -466,6 +466,8 @@ class S3Pool2x2(LocalPool):
 
     def __init__(self, grid: int, generator: torch.Generator | None = None) -> None:
         super().__init__()
+        if isinstance(grid, bool) or not isinstance(grid, int):
+            raise TypeError(f"S3Pool2x2: grid must be an integer (cell size in rows), got {grid!r}")
         if grid < 1:
             raise ValueError(f"S3Pool2x2: grid must be >= 1 (cell size in rows), got {grid}")
         self.grid = grid

@@ -56,6 +56,16 @@ def test_dataset_shapes(name, classes, channels):
     (["model.depth=21"], r"model.depth=21: ResNet depth must be one of 8, 14, 20.*\(6n\+2"),
     (["dataset=cifar10", "dataset.mean=[0.5,0.5]"], "one value per channel"),
     (["dataset.scale=[0.1,0.2,0.7]"], r"must be a range of two numbers \[min, max\]"),
+    # the open sections (pool, optim, sched) check their values' types too
+    (["pool.reg=true"], r"pool.reg=True must be a number"),
+    (["optim=sgd", "optim.nesterov=no"], r"optim.nesterov='no': SGD's nesterov must be true or "
+                                         r"false"),
+    (["model.downsample=s3pool", "model.local_pool_args.s3pool.grid=2.5"],
+     r"model.local_pool_args.s3pool.grid=2.5: S3Pool2x2: grid must be an integer"),
+    # a layer is built at the main head's real shape and must map it to (B, C)
+    (["dataset.image_size=32", "pool.layer=torch.nn.Identity"],
+     r"pool.layer='torch.nn.Identity' with no arguments: it maps a \(2, 64, 8, 8\) map to "
+     r"\(2, 64, 8, 8\), not \(2, 64\)"),
 ])
 def test_validation_names_key_and_fix(override, match):
     with pytest.raises(ConfigError, match=match):
@@ -71,7 +81,7 @@ def test_non_increasing_sac_weights_warn():
     (["pool=flx"], r"Unknown option 'flx' for group 'pool'. Did you mean 'flex'"),
     (["dataset=cifar"], r"Valid names: .*cifar10.*cifar100"),
     (["trainer.epoch=3"], r"Did you mean 'epochs'"),
-    (["optim.learning_rate=1"], r"optim=adam has no key .learning_rate.; its keys are betas, lr"),
+    (["optim.learning_rate=1"], r"optim=adam has no key .learning_rate.. Its keys are betas, lr"),
     (["+trainer.foo=1"], r"bypasses the schema"),
     (["pool=[0.1,0.2,0.7]"], r"gives the config group 'pool' a list.*pool=avg,flex"),
     (["pool=null"], r"Unknown option 'null' for group 'pool'"),
@@ -216,3 +226,20 @@ def test_pools_presets_define_the_grids(name, pool, downsample):
     for p in pool.split(","):
         for d in downsample.split(","):
             validate(make_cfg([f"experiment={name}", f"pool={p}", f"model.downsample={d}"]))
+
+
+def test_whole_numbers_in_the_open_sections_are_the_same_cell():
+    """pool/optim/sched have no schema types: optim.lr=1 must name the cell optim.lr=1.0 does."""
+    base = cell_hash(make_cfg([]))
+    for override in ("optim.weight_decay=0", "pool.reg=0", "pool.dropout=0", "sched.div_factor=25",
+                     "optim.betas=[0.9,0.999]"):
+        assert cell_hash(make_cfg([override])) == base, override
+    assert cell_hash(make_cfg(["optim.lr=1"])) == cell_hash(make_cfg(["optim.lr=1.0"]))
+    assert cell_hash(make_cfg(["optim.lr=1"])) != base
+
+
+def test_a_misspelled_option_key_gets_a_suggestion():
+    with pytest.raises(ConfigError, match=r"pool=avg has no key 'regg'. Did you mean 'reg'\?"):
+        check_overrides(["pool.regg=1"])
+    # a preset may select another option than the root config's default: left to Hydra
+    check_overrides(["experiment=demo", "optim.momentum=0.5"])

@@ -36,13 +36,16 @@ class LSEPool2d(nn.Module):
 
 
 class Mean2x2(nn.Module):
-    """A local pool: 2x2 means at stride 2, (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))."""
+    """A local pool with a learnt scale per channel: 2x2 means at stride 2,
+    (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2)); no pool_pair, so the block pools the
+    padded shortcut with it too."""
 
     def __init__(self, channels):
         super().__init__()
+        self.scale = nn.Parameter(torch.ones(channels, 1, 1))
 
     def forward(self, x):
-        return nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True)
+        return self.scale * nn.functional.avg_pool2d(x, 2, 2, ceil_mode=True)
 '''
 
 
@@ -96,7 +99,7 @@ def test_a_user_pool_is_checked_like_ours(user_dir, monkeypatch):
     monkeypatch.syspath_prepend(str(user_dir))
     search = f"hydra.searchpath=[file://{user_dir / 'conf'}]"
     check_overrides([search, "pool=lse", "pool.r=2.0"])  # its own key, its own option
-    with pytest.raises(ConfigError, match=r"pool=lse has no key 'radius'; its keys are "
+    with pytest.raises(ConfigError, match=r"pool=lse has no key 'radius'. Its keys are "
                                           r"dropout, layer, name, r, reg"):
         check_overrides([search, "pool=lse", "pool.radius=2.0"])
     with pytest.raises(ConfigError, match=r"Unknown option 'lse' for group 'pool'"):
