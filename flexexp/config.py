@@ -199,7 +199,7 @@ def _built(key: str, build: Any) -> Any:
 
 
 def _validate_model(cfg: DictConfig) -> None:
-    from flexexp.models import check_depth, make_local_pool
+    from flexexp.models import check_depth, make_local_pool, stage_shapes
     from flexexp.pooling import LOCAL_POOLS
 
     _built(f"model.depth={cfg.model.depth}", lambda: check_depth(cfg.model.depth))
@@ -211,14 +211,14 @@ def _validate_model(cfg: DictConfig) -> None:
             "2x2 stride-2 pool after a stride-1 conv), or the import path of a local pool "
             "class (module.Class), e.g. model.downsample=max."
         )
+    # stage 2's first block pools a map of stage 2's width at stage 1's size, halved
+    (_, size, _), (c, half, _) = stage_shapes(cfg.dataset.image_size, cfg.model.width)[:2]
     # every entry, not only the one in use: a typo fails now, not in a later sweep
     for name in {down, *cfg.model.local_pool_args} - {"stride"}:
         args = dict(cfg.model.local_pool_args.get(name) or {})
         key = f"model.downsample={name!r}" if name == down else f"model.local_pool_args.{name}"
         factory = _built(key, lambda n=name, a=args: make_local_pool(n, **a))
         given = ", ".join(f"model.local_pool_args.{name}.{k}={v!r}" for k, v in args.items())
-        # stage 2's first block: a map of stage 2's width at stage 1's size, halved
-        (_, size, _), (c, half, _) = stage_shapes(cfg)[:2]
         _built(given or f"model.downsample={name!r}", lambda f=factory, c=c, s=size, o=half:
                _check_shape(f(c), (c, s, s), (c, o, o)))
 
@@ -257,7 +257,7 @@ def _validate_dataset(cfg: DictConfig) -> None:
 
 
 def _validate_pool(cfg: DictConfig) -> None:
-    from flexexp.models import pool_kwargs
+    from flexexp.models import pool_kwargs, stage_shapes
     from flexexp.pooling import build_pool
 
     for key, kind in (("name", str), ("layer", str), ("reg", float), ("dropout", float)):
@@ -276,7 +276,7 @@ def _validate_pool(cfg: DictConfig) -> None:
     if cfg.pool.reg < 0:
         raise ConfigError(f"pool.reg={cfg.pool.reg} must be >= 0 (0 turns the penalty off).")
     kwargs = pool_kwargs(cfg.pool)
-    c, h, w = stage_shapes(cfg)[-1]  # the main head's map
+    c, h, w = stage_shapes(cfg.dataset.image_size, cfg.model.width)[-1]  # the main head's map
     _built(f"pool.layer={cfg.pool.layer!r} with {kwargs or 'no arguments'}",
            lambda: _check_shape(build_pool(cfg.pool.layer, c, h, w, **kwargs), (c, h, w), (c,)))
 
@@ -307,29 +307,20 @@ def _validate_optim(cfg: DictConfig) -> None:
 
 
 def _validate_sched(cfg: DictConfig) -> None:
+    from flexexp.engine import SCHEDULES
     from flexexp.pooling import check_arguments
 
-    schedules = {"onecycle": _onecycle_keys, "constant": _constant_keys}
     name = cfg.sched.get("name")
-    if name not in schedules:
+    if name not in SCHEDULES:
         raise ConfigError(f"sched.name={name!r} is unknown; valid names: "
-                          f"{', '.join(schedules)} (sched=<name>).")
+                          f"{', '.join(SCHEDULES)} (sched=<name>).")
     kwargs = {k: v for k, v in cfg.sched.items() if k != "name"}
-    _built(f"sched={name}", lambda: check_arguments(schedules[name], (), kwargs,
+    _built(f"sched={name}", lambda: check_arguments(SCHEDULES[name], (0, 1, 1.0), kwargs,
                                                     f"schedule {name!r}"))
     for key in kwargs:
         _positive(cfg, f"sched.{key}", f"see {CONF_DIR}/sched/{name}.yaml")
     if name == "onecycle" and not cfg.sched.pct_start < 1:
         raise ConfigError(f"sched.pct_start={cfg.sched.pct_start} must be in (0, 1), e.g. 0.3.")
-
-
-def stage_shapes(cfg: DictConfig) -> list[tuple[int, int, int]]:
-    """``(C, H, W)`` of the three stages' maps for this config (as CifarResNet has them)."""
-    from flexexp.models import STAGE_WIDTHS
-
-    s = cfg.dataset.image_size
-    sizes = [s, -(-s // 2), -(-s // 4)]
-    return [(w * cfg.model.width, z, z) for w, z in zip(STAGE_WIDTHS, sizes, strict=True)]
 
 
 def _check_shape(layer: Any, shape: tuple[int, int, int], out: tuple[int, ...]) -> None:
@@ -347,14 +338,6 @@ def _dummy_parameter() -> Any:
     import torch
 
     return torch.nn.Parameter(torch.zeros(1))
-
-
-def _onecycle_keys(pct_start: float, div_factor: float, final_div_factor: float) -> None:
-    """The one-cycle schedule's parameters (sched=onecycle)."""
-
-
-def _constant_keys() -> None:
-    """A constant LR takes none (sched=constant)."""
 
 
 def _validate_sac(cfg: DictConfig) -> None:
@@ -445,7 +428,7 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
                                            f"{top}=<option>"))
             continue
         if top in OPEN_GROUPS and len(parts) > 1:
-            _check_open_key(text, parts, overrides, conf_dir)
+            _check_open_key(text, parts, overrides, [conf_dir, *extra_dirs])
             continue
         node: Any = Config
         for depth, part in enumerate(parts):
@@ -478,15 +461,16 @@ def _chosen_option(group: str, overrides: list[str], conf_dir: Path) -> str | No
     return None
 
 
-def _check_open_key(text: str, parts: list[str], overrides: list[str], conf_dir: Path) -> None:
+def _check_open_key(text: str, parts: list[str], overrides: list[str], dirs: list[Path]
+                    ) -> None:
     """``pool.<key>=...`` (likewise optim, sched): the key must be one of the chosen
-    option's YAML, since Hydra adds no key to it from the command line."""
+    option's YAML, since Hydra adds no key to it from the command line. ``dirs``: conf/
+    first, then the search path (Hydra's order)."""
     top = parts[0]
     if any(t.lstrip("+~").startswith("experiment=") for t in overrides):
         return  # a preset may choose the option itself: Hydra checks the key
-    option = _chosen_option(top, overrides, conf_dir)
-    # Hydra's order: conf/ first, then the search path
-    found = [d / top / f"{option}.yaml" for d in (conf_dir, *(_searchpath_dirs(overrides) or []))]
+    option = _chosen_option(top, overrides, dirs[0])
+    found = [d / top / f"{option}.yaml" for d in dirs]
     path = next((p for p in found if p.is_file()), found[-1])
     if option is None or not path.is_file():
         return  # a sweep over options, or a user's option outside conf/: Hydra checks it

@@ -31,7 +31,8 @@ from flexexp.models import CifarResNet
 from flexexp.optim import build_optimizer
 from flexexp.runtime import keep_heap
 
-__all__ = ["onecycle_lr", "learning_rate", "resolve_device", "resolve_precision",
+__all__ = ["onecycle_lr", "constant_lr", "SCHEDULES", "learning_rate", "resolve_device",
+           "resolve_precision",
            "autocast_for", "configure_process", "prepare_device", "Dist", "init_distributed",
            "make_train_loader", "make_test_loader", "head_names",
            "evaluate", "Counters", "StepResult", "TrainStep"]
@@ -44,9 +45,9 @@ def onecycle_lr(
     step: int,
     total_steps: int,
     max_lr: float,
-    pct_start: float = 0.3,
-    div_factor: float = 25.0,
-    final_div_factor: float = 1e4,
+    pct_start: float,
+    div_factor: float,
+    final_div_factor: float,
 ) -> float:
     """Learning rate at ``step`` of a cosine one-cycle schedule (as torch's OneCycleLR).
 
@@ -67,12 +68,20 @@ def onecycle_lr(
     return cos(max_lr, final, (step - warm_end) / span) if span > 0 else final
 
 
+def constant_lr(step: int, total_steps: int, max_lr: float) -> float:
+    """The same learning rate at every step (sched=constant)."""
+    return float(max_lr)
+
+
+#: LR schedules by ``sched.name``: ``fn(step, total_steps, max_lr, **params)``, the params
+#: being the sched section's other keys (validate() checks them against the signature).
+SCHEDULES = {"onecycle": onecycle_lr, "constant": constant_lr}
+
+
 def learning_rate(cfg: DictConfig, step: int, total_steps: int) -> float:
     """The learning rate of step ``step``: a pure function of the step and the config."""
-    if cfg.sched.name == "onecycle":
-        return onecycle_lr(step, total_steps, cfg.optim.lr, cfg.sched.pct_start,
-                           cfg.sched.div_factor, cfg.sched.final_div_factor)
-    return float(cfg.optim.lr)
+    params = {k: v for k, v in cfg.sched.items() if k != "name"}
+    return SCHEDULES[cfg.sched.name](step, total_steps, cfg.optim.lr, **params)
 
 
 # ---------------------------------------------------------------------------- process

@@ -42,6 +42,7 @@ from flexexp.pooling import (
 
 __all__ = [
     "build_model",
+    "stage_shapes",
     "check_depth",
     "check_image_size",
     "make_head",
@@ -67,6 +68,17 @@ HeadFactory = Callable[[int, int, int, int], nn.Module]
 LocalPoolFactory = Callable[[int], nn.Module]
 #: Keys of a pool config that are not the layer's keyword arguments.
 POOL_SHARED_KEYS = ("name", "layer", "reg", "dropout")
+
+
+def stage_shapes(image_size: int, width: int = 1) -> list[tuple[int, int, int]]:
+    """``(C, H, W)`` of the three stages' maps: 16/32/64 channels times ``width``; stages 2
+    and 3 halve the map with ceil (a stride-2 3x3 conv with padding 1, or a ceil-mode 2x2
+    pool), whichever way the model downsamples."""
+    shapes, size = [], image_size
+    for i, channels in enumerate(STAGE_WIDTHS):
+        size = size if i == 0 else -(-size // 2)
+        shapes.append((channels * width, size, size))
+    return shapes
 
 
 def check_depth(depth: int) -> None:
@@ -195,26 +207,23 @@ class CifarResNet(nn.Module):
         check_depth(depth)
         check_image_size(image_size)
         blocks = (depth - 2) // 6
-        widths = [w * width for w in STAGE_WIDTHS]
+        self.stage_shapes = stage_shapes(image_size, width)
+        widths = [c for c, _, _ in self.stage_shapes]
         self.depth, self.sac, self.num_classes = depth, sac, num_classes
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
             nn.BatchNorm2d(widths[0]),
             nn.ReLU(inplace=True),
         )
-        stages, sizes = [], []
-        c_in, size = widths[0], image_size
+        stages = []
+        c_in = widths[0]
         for i, c_out in enumerate(widths):
             stride = 1 if i == 0 else 2
-            # ceil: a stride-2 3x3 conv with padding 1, and the ceil-mode 2x2 pools alike
-            size = -(-size // stride)
             layers = [BasicBlock(c_in, c_out, stride, local_pool)]
             layers += [BasicBlock(c_out, c_out) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*layers))
-            sizes.append(size)
             c_in = c_out
         self.stages = nn.ModuleList(stages)
-        self.stage_shapes = [(c, s, s) for c, s in zip(widths, sizes, strict=True)]
         tapped = range(3) if sac else [2]
         self.head_stages = list(tapped)
         self.heads = nn.ModuleList(

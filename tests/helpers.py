@@ -39,6 +39,7 @@ from flexexp.models import resnet20
 
 __all__ = [
     "REPO", "TINY", "REAL_FMNIST", "KILL_MID_EPOCH_2", "make_cfg", "run_cli", "start_train",
+    "only_run_dir",
     "DOWN_ARGS", "net", "n_params", "avg2", "max2", "avg2_bound",
     "unit_roundoff", "gamma", "sum_error_bound", "softmax_sum_bound", "assert_within",
     "approx_f64", "approx_csv",
@@ -166,6 +167,13 @@ def _dying_iter(self):
 tracking.atomic_write_bytes = _counting_write
 DeviceLoader.__iter__ = _dying_iter
 """
+
+
+def only_run_dir(runs: Path) -> Path:
+    """The one run directory under ``runs`` (the folder of its ``cell.json``)."""
+    dirs = [p.parent for p in runs.rglob("cell.json")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
 
 
 def start_train(args: list[str], cwd: Path, extra_code: str = "") -> subprocess.Popen:

@@ -120,13 +120,14 @@ def test_onecycle_matches_torch(pct, total):
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total,
                                                 pct_start=pct, cycle_momentum=False)
     for step in range(total):
-        assert onecycle_lr(step, total, 0.1, pct) == pytest.approx(sched.get_last_lr()[0],
-                                                                   rel=0, abs=lr_tol)
+        ours = onecycle_lr(step, total, 0.1, pct, 25.0, 1e4)  # torch's div factors
+        assert ours == pytest.approx(sched.get_last_lr()[0], rel=0, abs=lr_tol)
         opt.step()
         sched.step()
-    assert onecycle_lr(0, total, 0.1, pct) == pytest.approx(0.1 / 25, rel=0, abs=lr_tol)
-    assert max(onecycle_lr(s, total, 0.1, pct) for s in range(total)) <= 0.1 + lr_tol
-    assert not math.isnan(onecycle_lr(total - 1, total, 0.1, pct))
+    assert onecycle_lr(0, total, 0.1, pct, 25.0, 1e4) == pytest.approx(0.1 / 25, rel=0,
+                                                                       abs=lr_tol)
+    assert max(onecycle_lr(s, total, 0.1, pct, 25.0, 1e4) for s in range(total)) <= 0.1 + lr_tol
+    assert not math.isnan(onecycle_lr(total - 1, total, 0.1, pct, 25.0, 1e4))
 
 
 def test_unknown_schedule_and_missing_values_are_refused():

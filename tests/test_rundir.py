@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from helpers import TINY, make_cfg, run_cli
+from helpers import TINY, make_cfg, only_run_dir, run_cli
 
 from flexexp import rundir, trainer
 from flexexp.errors import FlexexpError
@@ -43,8 +41,3 @@ def test_a_cell_being_trained_elsewhere_is_not_touched(tmp_path):
             trainer.run(cfg, run_dir)
     assert not (run_dir / "result.json").exists()
     assert trainer.run(cfg, run_dir)["status"] == "completed"
-
-
-def only_run_dir(runs: Path) -> Path:
-    (cell,) = list(runs.rglob("cell.json"))
-    return cell.parent

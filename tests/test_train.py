@@ -19,6 +19,7 @@ from helpers import (
     TINY,
     approx_csv,
     make_cfg,
+    only_run_dir,
     run_cli,
     start_train,
     unit_roundoff,
@@ -33,12 +34,6 @@ RESULT_KEYS = {
     "dataset", "pool", "sac", "seed", "epochs", "status", "test_acc", "test_acc_aux", "history",
     "num_params", "wall_time_s", "images_per_s", "device", "torch_version", "git_commit",
 }
-
-
-def only_run_dir(runs: Path) -> Path:
-    dirs = [p.parent for p in runs.rglob("cell.json")]
-    assert len(dirs) == 1, dirs
-    return dirs[0]
 
 
 def test_cli_one_epoch_writes_complete_record_and_tensorboard(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import KILL_MID_EPOCH_2, TINY, make_cfg, run_cli, start_train
+from helpers import KILL_MID_EPOCH_2, TINY, make_cfg, only_run_dir, run_cli, start_train
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -35,11 +35,6 @@ def assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(wa[k], wb[k]), k
 
 
-def only_run_dir(runs: Path) -> Path:
-    (cell,) = list(runs.rglob("cell.json"))
-    return cell.parent
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     """The uninterrupted run the killed ones must reproduce bit for bit."""
@@ -47,8 +42,6 @@ def reference(tmp_path_factory) -> Path:
     proc = run_cli([*LONG, f"paths.runs={root}"], cwd=root)
     assert proc.returncode == 0, proc.stderr
     return only_run_dir(root)
-
-
 
 
 @pytest.mark.slow
@@ -167,12 +160,6 @@ def test_cuda_without_gpu(tmp_path):
     assert proc.returncode == 2
     assert "trainer.device=cuda but no GPU is visible" in proc.stderr
     assert "trainer.device=auto" in proc.stderr
-
-
-
-
-
-
 
 
 # ---------------------------------------------------------------------------- property test
