@@ -56,7 +56,7 @@ from flexexp.engine import (
     learning_rate,
     make_train_loader,
     resolve_device,
-    resolve_precision,
+    resolve_speed,
 )
 from flexexp.errors import FlexexpError
 from flexexp.models import build_model
@@ -114,19 +114,19 @@ def with_bases(names: list[str]) -> list[str]:
 
 
 def _bench_model(cfg: DictConfig, device: torch.device):
-    """The config's model in training mode, seeded as the trainer seeds it, with its
-    autocast dtype and memory format."""
-    amp = resolve_precision(cfg.trainer.precision, device)
-    fmt = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    """The config's model in training mode, seeded as the trainer seeds it, with the
+    speed settings the trainer resolves for the device (:class:`~flexexp.engine.Speed`)."""
+    speed = resolve_speed(cfg.trainer, device)
     torch.manual_seed(cfg.seed)
-    return build_model(cfg).to(device, memory_format=fmt).train(), amp, fmt
+    model = build_model(cfg).to(device, memory_format=speed.memory_format).train()
+    return model, speed, speed.memory_format
 
 
 def _fixed_batch_mode(name: str, cfg: DictConfig, x: torch.Tensor, y: torch.Tensor,
                       device: torch.device) -> Mode:
     """Train steps on one batch already on the device: the compute bound."""
-    model, amp, fmt = _bench_model(cfg, device)
-    step = TrainStep(cfg, model, device, amp)
+    model, speed, fmt = _bench_model(cfg, device)
+    step = TrainStep(cfg, model, device, speed)
     xb = x.contiguous(memory_format=fmt)
     lr = float(cfg.optim.lr) / 25  # any constant: the cost does not depend on it
 
@@ -144,8 +144,8 @@ def heads_step_s(cfg: DictConfig, x: torch.Tensor, device: torch.device, reps: i
     adds a SAC head's gradient to that of the next stage). Shares no time with the
     stages, so it is far less noisy than a whole step.
     """
-    model, amp, fmt = _bench_model(cfg, device)
-    autocast = autocast_for(device, amp)
+    model, speed, fmt = _bench_model(cfg, device)
+    autocast = autocast_for(device, speed.amp_dtype)
     with torch.no_grad(), autocast:
         feats = [f.detach().requires_grad_()
                  for f in model.forward_features(x.contiguous(memory_format=fmt))]
@@ -170,8 +170,8 @@ def heads_step_s(cfg: DictConfig, x: torch.Tensor, device: torch.device, reps: i
 def _harness_mode(cfg: DictConfig, arrays, device: torch.device) -> Mode:
     """The trainer's own path: DeviceLoader -> learning_rate -> TrainStep -> Counters."""
     t = cfg.trainer
-    model, amp, fmt = _bench_model(cfg, device)
-    step = TrainStep(cfg, model, device, amp)
+    model, speed, fmt = _bench_model(cfg, device)
+    step = TrainStep(cfg, model, device, speed)
     loader, _ = make_train_loader(cfg, arrays, device, fmt)  # the trainer's, in one process
     total = len(loader) * t.epochs
     counters = Counters.zeros(len(model.heads), device)
@@ -227,9 +227,9 @@ def _reference_mode(cfg: DictConfig, arrays, device: torch.device, workers: int)
                         num_workers=workers, drop_last=True, persistent_workers=workers > 0,
                         pin_memory=device.type == "cuda")
     ref_cfg = OmegaConf.merge(cfg, {"trainer": {"precision": "fp32", "channels_last": False,
-                                                "compile": False}})
-    model, amp, _ = _bench_model(ref_cfg, device)  # fp32 (amp None), NCHW
-    step = TrainStep(ref_cfg, model, device, amp)
+                                                "compile": "none"}})
+    model, speed, _ = _bench_model(ref_cfg, device)  # fp32 (no autocast), NCHW, eager
+    step = TrainStep(ref_cfg, model, device, speed)
 
     def batches() -> Iterator:
         while True:
@@ -437,10 +437,10 @@ def _bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmu
     plan = _plan(cfg, overrides, variants, arrays, x, y, device, reference)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    d = cfg.dataset
+    d, speed = cfg.dataset, resolve_speed(cfg.trainer, device).record()
     print(f"benchmark: {cfg.dataset.name} {d.image_size}x{d.image_size}, batch {bs}, "
-          f"{device}, precision {cfg.trainer.precision}, channels_last "
-          f"{cfg.trainer.channels_last}, compile {cfg.trainer.compile}; "
+          f"{device}, precision {speed['precision']}, channels_last "
+          f"{speed['channels_last']}, compile {speed['compile']}; "
           f"{rounds} rounds x {steps} step(s) per mode after {warmup} warm-up step(s)",
           file=sys.stderr)
     for mode in [*plan.modes, *plan.variant_modes.values()]:  # allocator, kernels, workers
@@ -529,9 +529,7 @@ def _throughputs(cfg: DictConfig, device: torch.device, plan: _Plan, reference_p
     by = {m.name: m for m in plan.modes}
     return {
         "device": str(device),
-        "precision": cfg.trainer.precision,
-        "channels_last": bool(cfg.trainer.channels_last),
-        "compile": bool(cfg.trainer.compile),
+        **resolve_speed(cfg.trainer, device).record(),  # as resolved for the device
         "keep_heap": heap_kept(),
         "threads": torch.get_num_threads(),
         "reference_process": reference_process,

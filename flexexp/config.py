@@ -59,6 +59,8 @@ RUNTIME_KEYS = (
     "trainer.threads",
     "trainer.progress",
     "trainer.keep_heap",
+    "trainer.cudnn_benchmark",
+    "trainer.gpu_policy",
     "dataset.root",
     "dataset.download",
     "dataset.verify_checksums",
@@ -79,7 +81,24 @@ def cell_config(cfg: DictConfig | dict) -> dict[str, Any]:
             node = node.get(p, {})
         node.pop(leaf, None)
     _as_floats(data)
+    _speed_aliases(data)
     return data
+
+
+def _speed_aliases(data: dict[str, Any]) -> None:
+    """``trainer.compile=true`` is the same cell as ``default`` (and ``false`` as
+    ``none``); ``channels_last`` likewise whether written as a string or a boolean."""
+    from flexexp.speed import channels_last_setting, compile_setting
+
+    t = data.get("trainer")
+    if not isinstance(t, dict):
+        return
+    for key, canonical in (("compile", compile_setting), ("channels_last", channels_last_setting)):
+        if key in t:
+            try:
+                t[key] = canonical(t[key])
+            except ConfigError:  # validate() names it; the hash takes the value as it is
+                pass
 
 
 #: Real-valued keys of the open sections (no schema types them): ``optim.lr=1`` is the
@@ -183,6 +202,14 @@ def _validate_trainer(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.precision={cfg.trainer.precision!r} is unknown: use auto, fp32, bf16 or fp16."
         )
+    from flexexp.gpus import GPU_POLICIES
+    from flexexp.speed import channels_last_setting, compile_setting
+
+    compile_setting(cfg.trainer.compile)
+    channels_last_setting(cfg.trainer.channels_last)
+    if cfg.trainer.gpu_policy not in GPU_POLICIES:
+        raise ConfigError(f"trainer.gpu_policy={cfg.trainer.gpu_policy!r} is unknown: use "
+                          f"{' or '.join(GPU_POLICIES)}.")
 
 
 def _built(key: str, build: Any) -> Any:

@@ -15,6 +15,7 @@ The loop that strings them together is :func:`flexexp.trainer.fit`; the benchmar
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -30,12 +31,16 @@ from flexexp.errors import ConfigError
 from flexexp.models import CifarResNet
 from flexexp.optim import build_optimizer
 from flexexp.runtime import keep_heap
+from flexexp.speed import COMPILE_MODES, channels_last_setting, compile_setting
+
+log = logging.getLogger(__name__)
 
 __all__ = ["onecycle_lr", "constant_lr", "SCHEDULES", "learning_rate", "resolve_device",
-           "resolve_precision",
+           "resolve_precision", "COMPILE_MODES", "resolve_compile", "Speed", "resolve_speed",
            "autocast_for", "configure_process", "prepare_device", "Dist", "init_distributed",
            "make_train_loader", "make_test_loader", "head_names",
-           "evaluate", "Counters", "StepResult", "TrainStep"]
+           "evaluate", "Counters", "StepResult", "TrainStep", "head_weights",
+           "forward_module"]
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -87,15 +92,21 @@ def learning_rate(cfg: DictConfig, step: int, total_steps: int) -> float:
 # ---------------------------------------------------------------------------- process
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a ConfigError."""
+def resolve_device(name: str, gpu: int | None = None) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a ConfigError.
+
+    ``gpu`` is the index a plain ``auto``/``cuda`` gets (:mod:`flexexp.gpus` picks it on a
+    machine with several); ``cuda:K`` keeps its own.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(
             f"trainer.device={name} but no GPU is visible to PyTorch "
             "(torch.cuda.is_available() is False): use trainer.device=auto or trainer.device=cpu."
         )
+    if name == "cuda" and gpu is not None:
+        return torch.device("cuda", gpu)
     return torch.device(name)
 
 
@@ -108,6 +119,61 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def resolve_compile(value: Any, device: torch.device) -> str:
+    """The torch.compile mode a run on ``device`` uses for ``trainer.compile`` (``none``:
+    eager). CUDA graphs exist on GPUs only: ``reduce-overhead`` falls back to ``default``
+    on a CPU, with a one-line notice."""
+    mode = compile_setting(value)
+    if mode == "auto":
+        return "reduce-overhead" if device.type == "cuda" else "none"
+    if mode == "reduce-overhead" and device.type != "cuda":
+        log.info("trainer.compile=reduce-overhead: CUDA graphs need a GPU; compiling with "
+                 "mode default on %s", device)
+        return "default"
+    return mode
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How a run computes on its device: settings that change speed, chosen once.
+
+    ``trainer.precision``, ``trainer.channels_last`` and ``trainer.compile`` may say
+    ``auto``; here they are what this device gets (bf16, NHWC, CUDA graphs on a GPU with
+    bf16; fp32, NCHW, eager on a CPU). ``fused_optimizer``: the optimiser's fused kernel
+    (one launch for every parameter) on a GPU.
+    """
+
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    compile: str  # one of COMPILE_MODES
+    cudnn_benchmark: bool
+    fused_optimizer: bool
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def record(self) -> dict[str, Any]:
+        """The run record's fields for these settings."""
+        return {"precision": str(self.amp_dtype or torch.float32).replace("torch.", ""),
+                "channels_last": self.channels_last, "compile": self.compile,
+                "cudnn_benchmark": self.cudnn_benchmark,
+                "fused_optimizer": self.fused_optimizer}
+
+
+def resolve_speed(t: DictConfig, device: torch.device) -> Speed:
+    """The :class:`Speed` of the ``trainer`` section on ``device``."""
+    cuda = device.type == "cuda"
+    channels_last = channels_last_setting(t.channels_last)
+    return Speed(
+        amp_dtype=resolve_precision(t.precision, device),
+        channels_last=cuda if channels_last == "auto" else channels_last,
+        compile=resolve_compile(t.compile, device),
+        cudnn_benchmark=cuda and bool(t.cudnn_benchmark) and not t.deterministic,
+        fused_optimizer=cuda,
+    )
+
+
 def autocast_for(device: torch.device,
                  amp_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     """The autocast context of a precision (a no-op for fp32)."""
@@ -116,14 +182,20 @@ def autocast_for(device: torch.device,
 
 
 def configure_process(t: DictConfig, device: torch.device) -> None:
-    """Apply the process-wide ``trainer`` settings: CPU threads, heap, determinism."""
+    """Apply the process-wide ``trainer`` settings: CPU threads, heap, determinism, cuDNN
+    autotuning (on CUDA, ``trainer.cudnn_benchmark`` unless ``trainer.deterministic``)."""
     if t.threads > 0:
         torch.set_num_threads(t.threads)
     if t.keep_heap and device.type == "cpu":
         keep_heap()
     # the call imports torch._inductor (~2 s): make it only when the setting changes
     if bool(t.deterministic) != torch.are_deterministic_algorithms_enabled():
+        if t.deterministic and device.type == "cuda":
+            # cuBLAS is deterministic only with a fixed workspace; read when CUDA starts
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(bool(t.deterministic), warn_only=True)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = bool(t.cudnn_benchmark) and not t.deterministic
 
 
 @dataclass(frozen=True)
@@ -152,14 +224,21 @@ def init_distributed(device_name: str) -> Dist:
     return Dist(tdist.get_rank(), tdist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def prepare_device(t: DictConfig, dist: Dist) -> tuple[torch.device, torch.dtype | None]:
-    """The device of this process (its own GPU under torchrun) with the process-wide
-    settings applied, and the autocast dtype of ``trainer.precision`` (None = fp32)."""
-    device = resolve_device(t.device)
+def prepare_device(t: DictConfig, dist: Dist, gpu: int | None = None
+                   ) -> tuple[torch.device, Speed]:
+    """The device of this process (its own GPU under torchrun, else GPU ``gpu`` when
+    given) with the process-wide settings applied, and its :class:`Speed`."""
+    device = resolve_device(t.device, gpu)
     if device.type == "cuda" and dist.world > 1:
         device = torch.device("cuda", dist.local_rank)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # CUDA graphs and cuDNN's handles follow the current one
     configure_process(t, device)
-    return device, resolve_precision(t.precision, device)
+    speed = resolve_speed(t, device)
+    if speed.amp_dtype == torch.float16 and device.type == "cpu":
+        log.warning("trainer.precision=fp16 on the CPU is very slow (no fast fp16 kernels); "
+                    "use bf16 or fp32 there")
+    return device, speed
 
 
 # ---------------------------------------------------------------------------- data
@@ -292,27 +371,45 @@ class Counters:
         # the penalty depends on the shared weights only: every rank holds the same value
 
 
-class _AllHeads(torch.nn.Module):
-    """``forward = model.forward_heads``, so DDP (which wraps ``forward``) syncs every head."""
+class _Loss(torch.nn.Module):
+    """The step's forward pass as one module, ``(x, y) -> (loss, ce, main logits,
+    penalty)``: what torch.compile captures (the losses fuse with the heads) and what DDP
+    wraps (it syncs every head and the pool parameters the penalty reads)."""
 
-    def __init__(self, model: CifarResNet) -> None:
+    def __init__(self, model: CifarResNet, head_weights: list[float], reg: float) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.reg = model, reg
+        self.register_buffer("head_w", torch.tensor(head_weights), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.model.forward_heads(x)
+    def forward(self, x: torch.Tensor, y: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        logits = self.model.forward_heads(x)
+        ce = torch.stack([F.cross_entropy(o.float(), y) for o in logits])
+        loss = (self.head_w * ce).sum()
+        penalty = self.model.regularization() if self.reg > 0 else None
+        if penalty is not None:
+            loss = loss + self.reg * penalty
+        return loss, ce, logits[-1], penalty
 
 
-def _forward_module(model: CifarResNet, device: torch.device, dist: Dist,
-                    compile: bool) -> torch.nn.Module:
-    """Every head's forward pass, wrapped in DDP under torchrun and compiled on request."""
-    forward: torch.nn.Module = _AllHeads(model)
+def head_weights(cfg: DictConfig) -> list[float]:
+    """The loss weight of every head, the main head last (``[1.0]`` without SAC)."""
+    return [float(w) for w in cfg.sac.weights] if cfg.sac.enabled else [1.0]
+
+
+def forward_module(cfg: DictConfig, model: CifarResNet, device: torch.device, dist: Dist,
+                   compile_mode: str) -> torch.nn.Module:
+    """The step's forward pass and losses (:class:`_Loss`), wrapped in DDP under torchrun
+    and compiled with ``compile_mode`` (one of :data:`COMPILE_MODES`; ``none``: eager)."""
+    forward: torch.nn.Module = _Loss(model, head_weights(cfg), float(cfg.pool.reg)).to(device)
     if dist.world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None)
-    return torch.compile(forward) if compile else forward
+    if compile_mode == "none":
+        return forward
+    return torch.compile(forward, mode=None if compile_mode == "default" else compile_mode)
 
 
 class TrainStep:
@@ -321,33 +418,34 @@ class TrainStep:
     ``step(x, y, lr)`` runs the forward pass of every head under autocast, the loss
     ``sum_h w_h CE(h) + reg * penalty``, backward and the optimiser step, and returns a
     :class:`StepResult` of device tensors without reading them back to the host.
+    ``forward`` is the (compiled) forward of ``model`` from :func:`forward_module`; a
+    sweep passes the one it built for an earlier cell of the same model
+    (:mod:`flexexp.reuse`), so nothing is compiled again.
     """
 
     def __init__(self, cfg: DictConfig, model: CifarResNet, device: torch.device,
-                 amp_dtype: torch.dtype | None, dist: Dist = Dist()) -> None:
-        self.model, self.device = model, device
-        self.optimizer = build_optimizer(cfg, model)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        self.autocast = autocast_for(device, amp_dtype)
-        weights = list(cfg.sac.weights) if cfg.sac.enabled else [1.0]
-        self.head_weights = weights
-        self.head_w = torch.tensor(weights, device=device)
-        self.reg = float(cfg.pool.reg)
-        self.forward = _forward_module(model, device, dist, bool(cfg.trainer.compile))
+                 speed: Speed, dist: Dist = Dist(),
+                 forward: torch.nn.Module | None = None) -> None:
+        self.model, self.device, self.speed = model, device, speed
+        self.optimizer = build_optimizer(cfg, model, fused=speed.fused_optimizer)
+        self.scaler = torch.amp.GradScaler(device.type,
+                                           enabled=speed.amp_dtype == torch.float16)
+        self.autocast = autocast_for(device, speed.amp_dtype)
+        self.head_weights = head_weights(cfg)
+        self.forward = forward or forward_module(cfg, model, device, dist, speed.compile)
+        # CUDA graphs replay into the same output buffers: mark where a step begins
+        self._graphs = speed.compile == "reduce-overhead" and device.type == "cuda"
 
     def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepResult:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+        if self._graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with self.autocast:
-            logits = self.forward(x)
-            ce = torch.stack([F.cross_entropy(o.float(), y) for o in logits])
-            loss = (self.head_w * ce).sum()
-            penalty = self.model.regularization() if self.reg > 0 else None
-            if penalty is not None:
-                loss = loss + self.reg * penalty
+            loss, ce, main_logits, penalty = self.forward(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return StepResult(loss.detach(), ce.detach(), logits[-1].detach(),
+        return StepResult(loss.detach(), ce.detach(), main_logits.detach(),
                           penalty.detach() if penalty is not None else None)

@@ -62,7 +62,7 @@ def _check_values(group: dict[str, Any]) -> None:
 def _check_group(group: dict[str, Any]) -> None:
     """Refuse the options :meth:`Adam.step` does not implement (torch.optim.Adam's
     defaults are all off), whether set at construction or by a loaded state dict."""
-    for key in ("amsgrad", "maximize", "capturable", "differentiable", "fused"):
+    for key in ("amsgrad", "maximize", "capturable", "differentiable"):
         if group.get(key):
             raise ValueError(f"Adam does not support {key}=True")
 
@@ -74,7 +74,8 @@ class Adam:
 
     def __init__(self, params: Iterable[torch.nn.Parameter] | Iterable[dict[str, Any]],
                  lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False) -> None:
+                 weight_decay: float = 0.0, decoupled_weight_decay: bool = False,
+                 fused: bool = False) -> None:
         items = list(params)
         if not items:
             raise ValueError("Adam got an empty parameter list")
@@ -85,6 +86,8 @@ class Adam:
             if "decoupled_weight_decay" not in _GROUP_DEFAULTS:
                 raise ValueError("this torch's Adam has no decoupled_weight_decay; update torch")
             defaults["decoupled_weight_decay"] = True
+        if fused:  # torch's fused kernel: one launch for every parameter of a group
+            defaults["fused"] = True
         self.param_groups: list[dict[str, Any]] = []
         for g in groups:
             _check_values({**defaults, **g})
@@ -121,8 +124,9 @@ class Adam:
                 raise RuntimeError("Adam does not support sparse gradients")
             st = self.state.get(p)
             if not st:  # as torch.optim.Adam initialises it: step on the CPU, default dtype
-                st = self.state[p] = {
-                    "step": torch.tensor(0.0, dtype=torch.get_default_dtype()),
+                st = self.state[p] = {  # (fused: on the parameter's device, float32)
+                    "step": torch.zeros((), dtype=torch.float32, device=p.device) if g.get("fused")
+                    else torch.tensor(0.0, dtype=torch.get_default_dtype()),
                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
             params.append(p)
@@ -132,7 +136,7 @@ class Adam:
             steps.append(st["step"])
         beta1, beta2 = g["betas"]
         kwargs = {"foreach": g.get("foreach"), "capturable": False, "differentiable": False,
-                  "fused": None, "grad_scale": None, "found_inf": None,
+                  "fused": g.get("fused") or None, "grad_scale": None, "found_inf": None,
                   "has_complex": any(torch.is_complex(p) for p in params),
                   "decoupled_weight_decay": g.get("decoupled_weight_decay", False),
                   "amsgrad": False, "beta1": beta1, "beta2": beta2, "lr": g["lr"],
@@ -163,15 +167,18 @@ class Adam:
                 f"{[len(g['params']) for g in groups]} parameters; this Adam has {len(ours)} "
                 f"of {ours}: it belongs to another model or another optim.no_decay")
         by_id = dict(zip([i for g in groups for i in g["params"]], self._params, strict=True))
+        fused = any(g.get("fused") for g in self.param_groups)
         state = {}
         for i, st in state_dict["state"].items():
             p = by_id[i]
             if any(k not in st for k in ("step", *_STATE_KEYS)):
                 raise ValueError(f"the optimizer state of parameter {i} lacks "
                                  f"{sorted({'step', *_STATE_KEYS} - set(st))}")
-            state[p] = {"step": st["step"].detach().clone(),
+            step = st["step"].detach().clone()  # where torch's Adam keeps it (see _step_group)
+            step = step.to(p.device, torch.float32) if fused else step.cpu()
+            state[p] = {"step": step,
                         **{k: st[k].detach().to(p.device, p.dtype).clone() for k in _STATE_KEYS}}
-        loaded = [{k: v for k, v in g.items() if k != "params" and k in mine}
+        loaded = [{k: v for k, v in g.items() if k not in ("params", "fused") and k in mine}
                   for g, mine in zip(groups, self.param_groups, strict=True)]
         for group in loaded:
             _check_group(group)
@@ -181,19 +188,19 @@ class Adam:
 
 
 def _adam(groups: list[dict[str, Any]], lr: float, weight_decay: float,
-          betas: list[float], decoupled_weight_decay: bool = False) -> Adam:
+          betas: list[float], decoupled_weight_decay: bool = False, fused: bool = False) -> Adam:
     # torch.optim.Adam's arithmetic and state format, without importing TorchDynamo at
     # start-up; decoupled_weight_decay=true makes it AdamW
     return Adam(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
-                decoupled_weight_decay=decoupled_weight_decay)
+                decoupled_weight_decay=decoupled_weight_decay, fused=fused)
 
 
 def _sgd(groups: list[dict[str, Any]], lr: float, weight_decay: float, momentum: float,
-         nesterov: bool) -> torch.optim.Optimizer:
+         nesterov: bool, fused: bool = False) -> torch.optim.Optimizer:
     if not isinstance(nesterov, bool):  # a string would be truthy: nesterov on by accident
         raise TypeError(f"SGD's nesterov must be true or false, got {nesterov!r}")
     return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov,
-                           weight_decay=weight_decay)
+                           weight_decay=weight_decay, fused=fused or None)
 
 
 #: Optimisers by ``optim.name``: ``factory(groups, lr, weight_decay, **kwargs)``, the
@@ -233,12 +240,17 @@ def param_groups(model: torch.nn.Module, no_decay: Iterable[str]) -> list[dict[s
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(cfg: DictConfig, model: torch.nn.Module) -> torch.optim.Optimizer | Adam:
-    """The optimiser ``optim`` names, over ``model``'s parameters (validated config)."""
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module,
+                    fused: bool = False) -> torch.optim.Optimizer | Adam:
+    """The optimiser ``optim`` names, over ``model``'s parameters (validated config);
+    ``fused``: its fused kernel (a speed setting the trainer turns on for GPUs)."""
     o = cfg.optim
     if o.name not in OPTIMIZERS:
         raise ConfigError(f"optim.name={o.name!r} is unknown; valid names: "
                           f"{', '.join(sorted(OPTIMIZERS))}.")
     kwargs = {k: v for k, v in o.items() if k not in OPTIM_SHARED_KEYS}
-    return OPTIMIZERS[o.name](param_groups(model, o.no_decay), lr=o.lr,
-                              weight_decay=o.weight_decay, **kwargs)
+    factory = OPTIMIZERS[o.name]
+    if fused and "fused" in inspect.signature(factory).parameters:
+        kwargs.setdefault("fused", True)  # optim.fused=false (a user's key) keeps it off
+    return factory(param_groups(model, o.no_decay), lr=o.lr, weight_decay=o.weight_decay,
+                   **kwargs)

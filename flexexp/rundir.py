@@ -48,7 +48,7 @@ from flexexp.tracking import (
 )
 
 __all__ = ["make_writable", "exclusive", "claim", "diff_keys", "completed_record",
-           "new_record", "runtime_record", "results", "write_failure", "write_result",
+           "new_record", "runtime_record", "summary", "results", "write_failure", "write_result",
            "load_state", "restore", "save_state"]
 
 
@@ -159,8 +159,9 @@ def new_record(cfg: DictConfig, run_dir: Path, cell: str) -> dict[str, Any]:
 
 
 def runtime_record(t: DictConfig, step: TrainStep, world: int,
-                   amp_dtype: torch.dtype | None) -> dict[str, Any]:
-    """The record's fields on how the run runs: model size, machine, precision, settings."""
+                   gpu_chosen: bool) -> dict[str, Any]:
+    """The record's fields on how the run runs: model size, machine, the speed settings
+    as resolved for the device (:class:`~flexexp.engine.Speed`), determinism."""
     device = step.device
     return {
         "num_params": sum(p.numel() for p in step.model.parameters()),
@@ -168,11 +169,23 @@ def runtime_record(t: DictConfig, step: TrainStep, world: int,
         "world_size": world,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(),
-        "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
-        "channels_last": bool(t.channels_last),
-        "compile": bool(t.compile),
+        **step.speed.record(),
+        "deterministic": bool(t.deterministic),
+        "gpu_policy": str(t.gpu_policy) if gpu_chosen else None,
         "keep_heap": heap_kept(),
     }
+
+
+def summary(record: dict[str, Any], cfg: DictConfig, n_train: int, n_test: int,
+            steps: int) -> str:
+    """One log line on a run that starts: cell, model size, machine, speed settings."""
+    reused = [k for k, v in record["setup_reused"].items() if v]
+    speed = (f"{record['precision']} {'NHWC' if record['channels_last'] else 'NCHW'} "
+             f"compile={record['compile']}" + (f" (reused: {', '.join(reused)})" if reused
+                                               else ""))
+    return (f"{record['run_dir']} | {cfg.dataset.name} {cfg.pool.name} sac={cfg.sac.name} | "
+            f"{record['num_params']} params | {record['device']} x{record['world_size']} "
+            f"{speed} | {n_train} train / {n_test} test images | {steps} steps/epoch")
 
 
 def results(history: list[dict[str, Any]], train_time: float,

@@ -69,8 +69,11 @@ class TrainerConfig:
     progress: bool = MISSING  # per-epoch progress bar
     deterministic: bool = MISSING  # torch.use_deterministic_algorithms (slower on GPU)
     precision: str = MISSING  # auto | fp32 | bf16 | fp16 (autocast)
-    channels_last: bool = MISSING  # NHWC memory format
-    compile: bool = MISSING  # torch.compile the model (costs start-up time)
+    channels_last: Any = MISSING  # auto | true | false (NHWC memory format)
+    # auto | none | default | reduce-overhead | max-autotune (true/false: default/none)
+    compile: Any = MISSING
+    cudnn_benchmark: bool = MISSING  # CUDA: cuDNN autotuning (off when deterministic)
+    gpu_policy: str = MISSING  # least_used | round_robin (machines with several GPUs)
     keep_heap: bool = MISSING  # CPU: large blocks from glibc's heap, not mmap (flexexp.runtime)
 
 

@@ -25,6 +25,8 @@ __all__ = [
     "load_checkpoint",
     "git_commit",
     "process_age",
+    "startup_age",
+    "progress_bar",
     "TensorBoardLogger",
 ]
 
@@ -83,7 +85,28 @@ def git_commit(repo: Path | None = None) -> str | None:
         return None
 
 
+def progress_bar(enabled: bool, total: int, desc: str):
+    """A progress bar of ``total`` steps on stderr, or None when not ``enabled``."""
+    if not enabled:
+        return None
+    import sys
+
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5)
+
+
 _IMPORTED_AT = time.time()
+_STARTUP: list[float] = []
+
+
+def startup_age() -> float:
+    """Seconds from this process's start to its first call (imports, Hydra, launcher):
+    the same number for every cell a sweep runs in this process (``startup_s``)."""
+    if not _STARTUP:
+        _STARTUP.append(process_age())
+    return _STARTUP[0]
 
 
 def process_age() -> float:

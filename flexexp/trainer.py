@@ -20,20 +20,20 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flexexp import engine, rundir
+from flexexp import engine, gpus, reuse, rundir
 from flexexp.config import cell_hash, validate
 from flexexp.data.loader import DeviceLoader
-from flexexp.data.sources import ImageArrays, load_arrays
-from flexexp.engine import Counters, Dist, TrainStep
+from flexexp.data.sources import load_arrays
+from flexexp.engine import Counters, Dist, StepResult, TrainStep
 from flexexp.errors import DivergenceError, FlexexpError
 from flexexp.models import build_model
-from flexexp.tracking import CHECKPOINT_FILE, TensorBoardLogger, process_age
+from flexexp.tracking import CHECKPOINT_FILE, TensorBoardLogger, progress_bar, startup_age
 
 log = logging.getLogger(__name__)
 
 __all__ = ["run", "setup", "fit", "task", "Loop"]
 # The loop calls engine.learning_rate and engine.evaluate through the module, so a test
-# that patches them there (monkeypatch.setattr(engine, "evaluate", ...)) reaches the loop.
+# that patches them there reaches the loop.
 
 
 @dataclass
@@ -42,13 +42,13 @@ class Loop:
 
     cfg: DictConfig
     run_dir: Path
-    record: dict[str, Any]  # the run record: the loop adds startup_s at the first step
+    record: dict[str, Any]  # the run record: the loop adds setup_s, first_step_s
     dist: Dist
     step: TrainStep  # holds the model, optimiser, scaler, device and autocast
     train_loader: DeviceLoader
     test_loader: DeviceLoader
     gen: torch.Generator  # the data order: checkpointed, so a resumed run sees the same
-    t_start: float
+    t_start: float  # the cell's start: setup_s is measured from it
     tb: TensorBoardLogger | None = None
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -66,24 +66,27 @@ class Loop:
 # ---------------------------------------------------------------------------- the run
 
 
-def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | Path, job_num: int = 0) -> dict[str, Any]:
     """Train the cell ``cfg`` in ``run_dir``; return its result record.
 
     A completed run in ``run_dir`` is skipped; an interrupted one resumes from
     ``last.pt``. A failure writes ``status: failed`` with the error and re-raises.
     Under ``torchrun`` every rank trains its share of each batch and rank 0 alone writes.
+    With several GPUs it takes one (:mod:`flexexp.gpus`; ``job_num``: its sweep number).
     """
+    startup_age()  # the process's start-up, before its first cell
     validate(cfg)
     run_dir = Path(run_dir)
     cell = cell_hash(cfg)
     dist = engine.init_distributed(cfg.trainer.device)
     if not dist.main:
-        record = _run_cell(cfg, run_dir, cell, dist)
+        record = _run_cell(cfg, run_dir, cell, dist, None)
     else:
         rundir.make_writable(run_dir)
-        with rundir.exclusive(run_dir):
+        with (rundir.exclusive(run_dir),
+              gpus.hold_gpu(cfg.trainer.device, cfg.trainer.gpu_policy, job_num) as gpu):
             rundir.claim(cfg, run_dir, cell)
-            record = _run_cell(cfg, run_dir, cell, dist)
+            record = _run_cell(cfg, run_dir, cell, dist, gpu)
     if dist.world > 1:  # leave together: a rank that exits early aborts the others
         import torch.distributed as tdist
 
@@ -92,7 +95,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return record
 
 
-def _run_cell(cfg: DictConfig, run_dir: Path, cell: str, dist: Dist) -> dict[str, Any]:
+def _run_cell(cfg: DictConfig, run_dir: Path, cell: str, dist: Dist,
+              gpu: int | None) -> dict[str, Any]:
     previous = rundir.completed_record(run_dir)
     if previous is not None:
         log.info("%s already completed (test_acc %.2f); skipping", run_dir,
@@ -101,7 +105,7 @@ def _run_cell(cfg: DictConfig, run_dir: Path, cell: str, dist: Dist) -> dict[str
     started = time.time()
     record = rundir.new_record(cfg, run_dir, cell)
     try:
-        record.update(fit(setup(cfg, run_dir, record, dist)))
+        record.update(fit(setup(cfg, run_dir, record, dist, gpu)))
         record["status"] = "completed"
     except BaseException as exc:  # KeyboardInterrupt too: the record says what happened
         if not dist.main:
@@ -114,39 +118,32 @@ def _run_cell(cfg: DictConfig, run_dir: Path, cell: str, dist: Dist) -> dict[str
     return record
 
 
-def setup(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist) -> Loop:
-    """Device, data, model and step of the run, resumed from ``last.pt`` if there is one."""
-    t = cfg.trainer
-    device, amp_dtype = engine.prepare_device(t, dist)
-    if amp_dtype == torch.float16 and device.type == "cpu":
-        log.warning("trainer.precision=fp16 on the CPU is very slow (no fast fp16 kernels); "
-                    "use bf16 or fp32 there")
-    torch.manual_seed(cfg.seed)  # model initialisation: the same on every rank
+def setup(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist,
+          gpu: int | None = None) -> Loop:
+    """Device, data, model and step of the run, resumed from ``last.pt`` if there is one.
+    In a sweep, the data and the compiled model come from the cell before when the same
+    (:mod:`flexexp.reuse`)."""
     t_start = time.time()
-    arrays = load_arrays(OmegaConf.to_object(cfg.dataset))
-    memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-    train_loader, gen = engine.make_train_loader(cfg, arrays, device, memory_format, dist)
-    test_loader = engine.make_test_loader(cfg, arrays, device, memory_format)
-    model = build_model(cfg).to(device, memory_format=memory_format)
-    loop = Loop(cfg, run_dir, record, dist, TrainStep(cfg, model, device, amp_dtype, dist),
-                train_loader, test_loader, gen, t_start)
+    device, speed = engine.prepare_device(cfg.trainer, dist, gpu)
+    arrays, data_reused = reuse.arrays(cfg.dataset, load_arrays)
+    fmt = speed.memory_format
+    train_loader, gen = engine.make_train_loader(cfg, arrays, device, fmt, dist)
+    test_loader = engine.make_test_loader(cfg, arrays, device, fmt)
+    model, forward, model_reused = reuse.model_and_forward(cfg, build_model, device, speed,
+                                                           dist)
+    step = TrainStep(cfg, model, device, speed, dist, forward)
+    loop = Loop(cfg, run_dir, record, dist, step, train_loader, test_loader, gen, t_start)
     state = rundir.load_state(run_dir, record["cell"], dist)
     if state is not None:
         loop.start_epoch, loop.history, loop.train_time = rundir.restore(state, loop.step, gen)
-        log.info("resuming %s from epoch %d/%d", run_dir, loop.start_epoch, t.epochs)
+        log.info("resuming %s from epoch %d/%d", run_dir, loop.start_epoch, cfg.trainer.epochs)
+    record.update(rundir.runtime_record(cfg.trainer, step, dist.world, gpu is not None),
+                  resumed_from_epoch=loop.start_epoch or None,
+                  setup_reused={"data": data_reused, "model": model_reused})
     loop.tb = TensorBoardLogger(run_dir / "tb" if dist.main else None)
-    _describe(loop, arrays, amp_dtype)
+    log.info("%s", rundir.summary(record, cfg, len(arrays.y_train), len(arrays.y_test),
+                                  loop.steps_per_epoch))
     return loop
-
-
-def _describe(loop: Loop, arrays: ImageArrays, amp_dtype: torch.dtype | None) -> None:
-    """Add the model size and the machine to the record, and log them in one line."""
-    cfg, record = loop.cfg, loop.record
-    record.update(rundir.runtime_record(cfg.trainer, loop.step, loop.dist.world, amp_dtype))
-    log.info("%s | %s %s sac=%s | %d params | %s x%d | %d train / %d test images | "
-             "%d steps/epoch", loop.run_dir, cfg.dataset.name, cfg.pool.name, cfg.sac.name,
-             record["num_params"], loop.step.device, loop.dist.world, len(arrays.y_train),
-             len(arrays.y_test), loop.steps_per_epoch)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -207,9 +204,7 @@ def _train_steps(loop: Loop, epoch: int, c: Counters, bar) -> tuple[float, float
     for i, (x, y) in enumerate(loop.train_loader):
         step = epoch * steps_per_epoch + i
         lr = engine.learning_rate(loop.cfg, step, loop.total_steps)
-        if step == first_step:
-            loop.record["startup_s"] = process_age()
-        out = loop.step.step(x, y, lr)
+        out = _first_step(loop, x, y, lr) if step == first_step else loop.step.step(x, y, lr)
         c.update(step, y, out)
         if bar is not None:
             bar.update(1)
@@ -221,6 +216,18 @@ def _train_steps(loop: Loop, epoch: int, c: Counters, bar) -> tuple[float, float
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return lr, time.time() - t0
+
+
+def _first_step(loop: Loop, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepResult:
+    """The run's first step, timed: ``setup_s`` up to it, ``first_step_s`` its duration
+    (compilation and graph capture included), ``startup_s`` the process's start-up."""
+    loop.record.update(setup_s=time.time() - loop.t_start, startup_s=startup_age())
+    t0 = time.time()
+    out = loop.step.step(x, y, lr)
+    if loop.step.device.type == "cuda":
+        torch.cuda.synchronize(loop.step.device)
+    loop.record["first_step_s"] = time.time() - t0
+    return out
 
 
 def _check_finite(loop: Loop, c: Counters, epoch: int) -> None:
@@ -262,12 +269,8 @@ def _log_epoch(loop: Loop, e: dict[str, Any], bar, epoch: int) -> None:
 def _progress(loop: Loop, epoch: int):
     """The epoch's progress bar on stderr (rank 0, ``trainer.progress``), else None."""
     t = loop.cfg.trainer
-    if not (t.progress and loop.dist.main):
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=loop.steps_per_epoch, desc=f"epoch {epoch + 1}/{t.epochs}", leave=False,
-                file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    return progress_bar(bool(t.progress and loop.dist.main), loop.steps_per_epoch,
+                        f"epoch {epoch + 1}/{t.epochs}")
 
 
 # ---------------------------------------------------------------------------- Hydra task
@@ -285,7 +288,8 @@ def task(cfg: DictConfig) -> float | None:
 
     hc = HydraConfig.get()
     try:
-        record = run(cfg, hc.runtime.output_dir)
+        job_num = OmegaConf.select(hc, "job.num", default=0)  # missing in a single run
+        record = run(cfg, hc.runtime.output_dir, job_num=job_num or 0)
     except FlexexpError as exc:
         if hc.mode == RunMode.RUN:
             log.error("%s", exc)

@@ -160,12 +160,13 @@ def test_a_step_returns_its_numbers_by_name():
     import torch
     from helpers import make_cfg
 
-    from flexexp.engine import StepResult, TrainStep
+    from flexexp.engine import StepResult, TrainStep, resolve_speed
     from flexexp.models import build_model
 
     cfg = make_cfg(["dataset=synthetic", "dataset.image_size=8", "sac=on", "pool=flex_reg"])
     torch.manual_seed(0)
-    step = TrainStep(cfg, build_model(cfg), torch.device("cpu"), None)
+    cpu = torch.device("cpu")
+    step = TrainStep(cfg, build_model(cfg), cpu, resolve_speed(cfg.trainer, cpu))
     out = step.step(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), 1e-3)
     assert isinstance(out, StepResult) and not isinstance(out, tuple)
     assert [f.name for f in dataclasses.fields(out)] == ["loss", "ce", "main_logits", "penalty"]
