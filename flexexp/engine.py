@@ -432,7 +432,8 @@ class TrainStep:
                                            enabled=speed.amp_dtype == torch.float16)
         self.autocast = autocast_for(device, speed.amp_dtype)
         self.head_weights = head_weights(cfg)
-        self.forward = forward or forward_module(cfg, model, device, dist, speed.compile)
+        self.forward = (forward if forward is not None
+                        else forward_module(cfg, model, device, dist, speed.compile))
         # CUDA graphs replay into the same output buffers: mark where a step begins
         self._graphs = speed.compile == "reduce-overhead" and device.type == "cuda"
 

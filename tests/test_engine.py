@@ -11,8 +11,10 @@ import pytest
 import torch
 from helpers import TINY, approx_f64, make_cfg
 
-from flexexp import engine, trainer
+from flexexp import engine, reuse, trainer
 from flexexp.data.loader import Augment, DeviceLoader
+from flexexp.errors import ConfigError
+from flexexp.speed import channels_last_setting, compile_setting
 from flexexp.tracking import read_json
 
 
@@ -34,14 +36,61 @@ def test_precision_auto_is_fp32_on_cpu():
     assert engine.resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
 
 
+def test_compile_settings_and_their_aliases():
+    assert [compile_setting(v) for v in (True, False, "true", "False", "auto", "max-autotune")] \
+        == ["default", "none", "default", "none", "auto", "max-autotune"]
+    for bad in ("fast", 1, None):
+        with pytest.raises(ConfigError, match="trainer.compile=.* is unknown: use auto"):
+            compile_setting(bad)
+    assert [channels_last_setting(v) for v in (True, "false", "auto")] == [True, False, "auto"]
+    with pytest.raises(ConfigError, match="trainer.channels_last='yes' is unknown"):
+        channels_last_setting("yes")
+
+
+def test_compile_modes_by_device(caplog):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # no GPU needed to name one
+    assert engine.resolve_compile("auto", cpu) == "none"
+    assert engine.resolve_compile("auto", cuda) == "reduce-overhead"
+    assert engine.resolve_compile("reduce-overhead", cuda) == "reduce-overhead"
+    for mode in ("none", "default", "max-autotune"):
+        assert engine.resolve_compile(mode, cpu) == engine.resolve_compile(mode, cuda) == mode
+    with caplog.at_level("INFO", logger="flexexp.engine"):
+        assert engine.resolve_compile("reduce-overhead", cpu) == "default"
+    notice = [r.getMessage() for r in caplog.records]
+    assert len(notice) == 1 and "CUDA graphs need a GPU" in notice[0]
+
+
+def test_speed_defaults_by_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    t = make_cfg([]).trainer
+    gpu = engine.resolve_speed(t, cuda)
+    assert gpu == engine.Speed(torch.bfloat16, True, "reduce-overhead", True, True)
+    assert gpu.memory_format == torch.channels_last
+    assert gpu.record() == {"precision": "bfloat16", "channels_last": True,
+                            "compile": "reduce-overhead", "cudnn_benchmark": True,
+                            "fused_optimizer": True}
+    assert engine.resolve_speed(t, cpu) == engine.Speed(None, False, "none", False, False)
+    # trainer=plain: the comparison setting, the same on both devices but for the
+    # device-only kernels (fused optimiser, cuDNN autotuning)
+    plain = make_cfg(["trainer=plain"]).trainer
+    assert engine.resolve_speed(plain, cuda) == engine.Speed(None, False, "none", True, True)
+    assert engine.resolve_speed(plain, cpu) == engine.resolve_speed(t, cpu)
+    exact = make_cfg(["trainer.deterministic=true"]).trainer
+    assert engine.resolve_speed(exact, cuda).cudnn_benchmark is False  # autotuning is not
+
+
 @pytest.mark.slow
-def test_compile_on_cpu(tmp_path, monkeypatch):
+@pytest.mark.parametrize("mode,used", [("max-autotune", "max-autotune"),
+                                       ("reduce-overhead", "default")])
+def test_compile_mode_trains_on_cpu(tmp_path, monkeypatch, mode, used):
     # inductor's kernels go to this test's own folder (removed when it passes), and the
-    # ResNet8 has the ResNet20's layers but fewer blocks: a cold compile in ~40 s, not ~65 s
+    # ResNet8 has the ResNet20's layers but fewer blocks: a cold compile in ~25 s
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
-    rec = trainer.run(make_cfg([*TINY, "trainer.compile=true", "dataset.image_size=8",
+    reuse.clear()
+    rec = trainer.run(make_cfg([*TINY, f"trainer.compile={mode}", "dataset.image_size=8",
                                 "model.depth=8"]), tmp_path / "run")
-    assert rec["status"] == "completed" and rec["compile"] is True
+    assert rec["status"] == "completed" and rec["compile"] == used
     assert list((tmp_path / "inductor").rglob("*.so"))  # inductor built C++ kernels for it
 
 
