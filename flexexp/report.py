@@ -74,6 +74,9 @@ def _config_key(rec: dict[str, Any]) -> str:
 
     cfg = cell_config(rec.get("config") or {})  # the run's identity, as its run dir uses
     cfg.pop("seed", None)
+    trainer = cfg.get("trainer")
+    if isinstance(trainer, dict):  # `auto` is bf16 on a GPU, fp32 on a CPU: key on what ran
+        trainer.update({k: rec[k] for k in ("precision", "channels_last", "compile") if k in rec})
     if not cfg:  # no config in the record: fall back to what the record says
         cfg = {k: rec.get(k) for k in ("dataset", "pool", "sac", "epochs")}
     return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]

@@ -52,6 +52,10 @@ def test_dataset_shapes(name, classes, channels):
     (["dataset.image_size=2"], "dataset.image_size=2: image_size 2 is too small"),
     (["trainer.device=tpu"], "is not a device"),
     (["trainer.precision=fp8"], "trainer.precision='fp8' is unknown"),
+    (["trainer.compile=fast"], "trainer.compile='fast' is unknown: use auto .* reduce-overhead"),
+    (["trainer.channels_last=maybe"], "trainer.channels_last='maybe' is unknown"),
+    (["trainer.gpu_policy=random"], "trainer.gpu_policy='random' is unknown: use least_used or "
+                                    "round_robin"),
     (["pool.dropout=1.5"], r"pool.dropout=1.5 must be in \[0, 1\)"),
     (["model.depth=21"], r"model.depth=21: ResNet depth must be one of 8, 14, 20.*\(6n\+2"),
     (["dataset=cifar10", "dataset.mean=[0.5,0.5]"], "one value per channel"),
@@ -105,8 +109,16 @@ def test_cell_identity():
     assert cell_hash(a) != cell_hash(make_cfg(["pool=flex", "sac=on", "seed=1"]))
     # ... where and how fast it runs does not
     same = make_cfg(["pool=flex", "sac=on", "trainer.device=cpu", "paths.runs=/x",
-                     "trainer.threads=2", "dataset.root=/data"])
+                     "trainer.threads=2", "dataset.root=/data", "trainer.cudnn_benchmark=false",
+                     "trainer.gpu_policy=round_robin"])
     assert cell_hash(a) == cell_hash(same)
+    # the aliases of the speed settings name the same cell; the settings themselves do not
+    assert cell_hash(make_cfg(["trainer.compile=true"])) == \
+        cell_hash(make_cfg(["trainer.compile=default"]))
+    assert cell_hash(make_cfg(["trainer.compile=false"])) == \
+        cell_hash(make_cfg(["trainer.compile=none"]))
+    assert cell_hash(make_cfg(["trainer.compile=none"])) != cell_hash(make_cfg([]))  # auto
+    assert cell_hash(make_cfg(["trainer=plain"])) != cell_hash(make_cfg([]))
 
 
 @pytest.mark.parametrize("pct,total", [(0.3, 100), (0.25, 37), (0.5, 10)])

@@ -99,6 +99,22 @@ def test_different_configs_are_never_averaged(tmp_path):
     assert row.n == 3 and row["mean"] == 91.0  # (90 + 91 + 92) / 3: exact
 
 
+def test_auto_settings_are_told_apart_by_what_ran(tmp_path):
+    # trainer.precision=auto is bf16 on a GPU and fp32 on a CPU: the same config, but not
+    # the same computation. The record's resolved settings keep them apart; an explicit
+    # fp32 run (trainer=plain) and an `auto` one on a CPU computed the same and may mix.
+    runs = tmp_path / "runs"
+    ran = {"precision": "bfloat16", "channels_last": True, "compile": "reduce-overhead"}
+    for seed in range(3):
+        write_record(runs, "cifar10", "flex", False, seed, 90.0 + seed, **ran)
+    cpu = {"precision": "float32", "channels_last": False, "compile": "none"}
+    write_record(runs, "cifar10", "flex", False, 3, 10.0, **cpu)
+    with pytest.warns(UserWarning, match="2 different configs"):
+        out = report(runs, tmp_path / "out")
+    row = out["table1"].set_index(["dataset", "variant"]).loc[("cifar10", "flex")]
+    assert row.n == 3 and row["mean"] == 91.0
+
+
 def test_cli_arguments(tmp_path, capsys):
     assert main([f"paths.runs={tmp_path / 'missing'}"]) == 2
     assert "no runs directory" in capsys.readouterr().err
