@@ -21,8 +21,9 @@ plus the step time of each pooling variant relative to avg pooling and of SAC re
 to the same pool without it (each timed in adjacent pairs of steps; plus the same
 comparison for the heads alone, which is far less noisy than whole steps and gives the
 summary keys ``flex_overhead`` and ``sac_overhead``), the
-start-up time of ``python -m flexexp.train`` to its first training step, and peak
-memory. The last line printed is one JSON object with the numbers.
+start-up time of ``python -m flexexp.train`` to its first training step, the set-up of
+each cell of a 3-cell sweep in one process (later cells reuse the first's data and
+compiled model), and peak memory. The last line printed is one JSON object with the numbers.
 """
 
 from __future__ import annotations
@@ -385,27 +386,85 @@ def serve_reference(cfg: DictConfig, workers: int, reply_fd: int) -> int:
     return 0
 
 
-def measure_startup(overrides: list[str], batch_size: int, probes: int = 3) -> list[float]:
-    """Run ``python -m flexexp.train`` (one step) ``probes`` times: seconds to its first step.
+#: The seeds of a start-up probe's sweep: three cells of one model in one process.
+SWEEP_SEEDS = (0, 1, 2)
+
+
+def sweep_probe_command(overrides: list[str], batch_size: int, runs: str | Path) -> list[str]:
+    """One start-up probe: a 3-cell multirun (seeds :data:`SWEEP_SEEDS`) of one step each in
+    one process (Hydra's basic launcher), its run directories under ``runs``. The probe's
+    own settings come last, so they win over the benchmarked overrides (a ``seed=`` too)."""
+    return [sys.executable, "-m", "flexexp.train", "-m", *overrides,
+            "seed=" + ",".join(map(str, SWEEP_SEEDS)), "trainer.epochs=1",
+            f"dataset.train_size={batch_size}", "trainer.progress=false", f"paths.runs={runs}"]
+
+
+def read_sweep_probe(runs: Path) -> list[dict]:
+    """The cells of one probe's sweep, ordered by seed: each cell's ``startup_s``,
+    ``setup_s``, ``first_step_s`` and ``setup_reused`` from its ``result.json``.
+    A :class:`FlexexpError` unless every seed of :data:`SWEEP_SEEDS` completed once."""
+    records = [json.loads(p.read_text()) for p in sorted(Path(runs).rglob("result.json"))]
+    seeds = sorted(r.get("seed") for r in records)
+    if seeds != list(SWEEP_SEEDS):
+        raise FlexexpError(f"the probe's sweep wrote results for seeds {seeds}, "
+                           f"not {list(SWEEP_SEEDS)}")
+    cells = []
+    for r in sorted(records, key=lambda r: r["seed"]):
+        missing = [k for k in ("startup_s", "setup_s", "first_step_s", "setup_reused")
+                   if r.get(k) is None]
+        if r.get("status") != "completed" or missing:
+            raise FlexexpError(f"the probe's cell seed={r['seed']} has status "
+                               f"{r.get('status')!r} and no {missing}")
+        cells.append({"startup_s": float(r["startup_s"]), "setup_s": float(r["setup_s"]),
+                      "first_step_s": float(r["first_step_s"]),
+                      "setup_reused": dict(r["setup_reused"])})
+    return cells
+
+
+def measure_startup(overrides: list[str], batch_size: int, probes: int = 3) -> list[list[dict]]:
+    """Run ``probes`` start-up probes (:func:`sweep_probe_command`), one after another:
+    per successful probe, its cells (:func:`read_sweep_probe`).
 
     Each probe is a fresh process, so the interpreter, imports, config, data (from the
-    warm cache) and model are all in the time. Returns one number per successful probe.
+    warm cache) and model are all in its first cell's time; its later cells show what a
+    sweep's later cells pay (:mod:`flexexp.reuse`). A failed probe is skipped, with a
+    warning.
     """
-    times = []
+    out = []
     for _ in range(probes):
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "flexexp.train", *overrides, "trainer.epochs=1",
-                   f"dataset.train_size={batch_size}", "trainer.progress=false",
-                   f"paths.runs={tmp}"]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            results = list(Path(tmp).rglob("result.json"))
-            if proc.returncode != 0 or not results:
-                print(f"warning: start-up probe failed:\n{proc.stderr[-1500:]}", file=sys.stderr)
-                continue
-            value = json.loads(results[0].read_text()).get("startup_s")
-            if value is not None:
-                times.append(float(value))
-    return times
+            proc = subprocess.run(sweep_probe_command(overrides, batch_size, tmp),
+                                  capture_output=True, text=True)
+            try:
+                if proc.returncode != 0:
+                    raise FlexexpError(f"exit code {proc.returncode}")
+                out.append(read_sweep_probe(Path(tmp)))
+            except (FlexexpError, OSError, ValueError) as exc:
+                print(f"warning: start-up probe failed ({exc}):\n{proc.stderr[-1500:]}",
+                      file=sys.stderr)
+    return out
+
+
+def startup_summary(probes: list[list[dict]]) -> dict:
+    """The result's start-up keys from the probes' cells (:func:`measure_startup`).
+
+    ``startup_probes_s``: per probe, its first cell's ``startup_s + setup_s``: a fresh
+    process's start to its first training step; ``startup_s``: their median.
+    ``sweep_setup_s``: per probe, each cell's ``setup_s + first_step_s``: the cell's start
+    to the end of its first step (compilation included); ``sweep_later_over_first``: the
+    median over probes of the mean of the later cells' over the first cell's.
+    ``sweep_setup_reused``: per probe, what each cell took over from the cell before.
+    """
+    first = [cells[0]["startup_s"] + cells[0]["setup_s"] for cells in probes]
+    sweep = [[c["setup_s"] + c["first_step_s"] for c in cells] for cells in probes]
+    return {
+        "startup_s": statistics.median(first) if first else None,
+        "startup_probes_s": first,
+        "sweep_setup_s": sweep,
+        "sweep_later_over_first": statistics.median(
+            statistics.fmean(s[1:]) / s[0] for s in sweep) if sweep else None,
+        "sweep_setup_reused": [[c["setup_reused"] for c in cells] for cells in probes],
+    }
 
 
 def peak_rss_mb() -> float:
@@ -454,9 +513,7 @@ def _bench(cfg: DictConfig, overrides: list[str], rounds: int, steps: int, warmu
         reference.close()  # before the start-up probes: they get the machine to themselves
         out["reference_keep_heap"] = reference.info.get("keep_heap")
         out["reference_peak_rss_mb"] = reference.info.get("peak_rss_mb")
-    probes = measure_startup(overrides, bs, startup_probes) if startup_probes else []
-    out["startup_s"] = statistics.median(probes) if probes else None
-    out["startup_probes_s"] = probes
+    out.update(startup_summary(measure_startup(overrides, bs, startup_probes)))
     out["peak_rss_mb"] = peak_rss_mb()
     if device.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
@@ -573,11 +630,32 @@ def _overheads(plan: _Plan, x: torch.Tensor, device: torch.device, head_reps: in
     return out
 
 
+def _settings_line(r: dict) -> str:
+    """The speed settings as resolved for the device (:meth:`~flexexp.engine.Speed.record`)."""
+    return (f"{r['device']}: precision {r['precision']}, channels_last "
+            f"{str(r['channels_last']).lower()}, compile {r['compile']}, cudnn_benchmark "
+            f"{str(r['cudnn_benchmark']).lower()}, fused_optimizer "
+            f"{str(r['fused_optimizer']).lower()}")
+
+
+def _startup_lines(r: dict) -> list[str]:
+    """A fresh process's start-up to its first step, and the set-up of a sweep's cells
+    (:func:`startup_summary`), each cell's the median over the probes."""
+    if r.get("startup_s") is None:
+        return ["start-up to first step: not measured"]
+    probes = ", ".join(f"{v:.2f}" for v in r["startup_probes_s"])
+    cells = [statistics.median(c) for c in zip(*r["sweep_setup_s"], strict=True)]
+    return [f"start-up to first step: {r['startup_s']:.2f} s (median of {probes})",
+            "sweep set-up (cells 1/2/3): " + " / ".join(f"{v:.2f}" for v in cells)
+            + f" s (set-up + first step, median of {len(r['sweep_setup_s'])} probe(s); "
+            f"later cells / first: {r['sweep_later_over_first']:.3f})"]
+
+
 def format_table(r: dict) -> str:
     rows = [("compute_bound", r["compute_bound_img_s"], 1.0),
             ("harness", r["harness_img_s"], r["harness_over_compute"]),
             ("reference", r["reference_img_s"], r["reference_img_s"] / r["compute_bound_img_s"])]
-    lines = [f"{'path':<24}{'images/s':>12}{'of compute bound':>20}"]
+    lines = [_settings_line(r), "", f"{'path':<24}{'images/s':>12}{'of compute bound':>20}"]
     lines += [f"{n:<24}{v:>12.0f}{f:>19.1%}" for n, v, f in rows]
     lines += ["", f"harness / compute_bound = {r['harness_over_compute']:.3f}",
               f"harness / reference     = {r['harness_over_reference']:.3f}"
@@ -605,10 +683,7 @@ def format_table(r: dict) -> str:
         if r.get("sac_overhead") is not None:
             lines.append(f"sac_overhead (worst SAC variant vs the same pool, heads only) = "
                          f"{r['sac_overhead']:+.2%}; whole steps {r['sac_overhead_steps']:+.1%}")
-    startup = r.get("startup_s")
-    probes = ", ".join(f"{v:.2f}" for v in r.get("startup_probes_s") or [])
-    lines += ["", f"start-up to first step: {startup:.2f} s (median of {probes})"
-              if startup is not None else "start-up to first step: not measured",
+    lines += ["", *_startup_lines(r),
               f"peak RSS: {r['peak_rss_mb']:.0f} MB"
               + (f" (the reference's process: {r['reference_peak_rss_mb']:.0f} MB)"
                  if r.get("reference_peak_rss_mb") else "")
@@ -631,8 +706,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated subset of {','.join(VARIANTS)} ('' for none)")
     ap.add_argument("--startup-probes", type=int, default=3,
-                    help="fresh `python -m flexexp.train` processes timed to their first step "
-                         "(the median is reported; default 3)")
+                    help="fresh `python -m flexexp.train -m seed=0,1,2` processes (3-cell "
+                         "sweeps) timed to their first step and each cell's set-up (the "
+                         "median is reported; default 3)")
     ap.add_argument("--no-startup", action="store_true", help="skip the start-up probes")
     ap.add_argument("--reference-process", choices=["own", "shared"], default="own",
                     help="run the reference loop in a process of its own, as the authors' "

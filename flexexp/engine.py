@@ -432,6 +432,8 @@ class TrainStep:
                                            enabled=speed.amp_dtype == torch.float16)
         self.autocast = autocast_for(device, speed.amp_dtype)
         self.head_weights = head_weights(cfg)
+        # `is None`, not `or`: a compiled module's truth value calls the wrapped
+        # module's __len__, which a loss module does not have (TypeError)
         self.forward = (forward if forward is not None
                         else forward_module(cfg, model, device, dist, speed.compile))
         # CUDA graphs replay into the same output buffers: mark where a step begins

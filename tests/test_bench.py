@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import time
 
 import pytest
@@ -14,12 +15,14 @@ from flexexp import bench
 
 BENCH_KEYS = {"harness_img_s", "compute_bound_img_s", "reference_img_s", "harness_over_compute",
               "harness_over_reference", "flex_overhead", "sac_overhead", "startup_s",
-              "peak_rss_mb"}
+              "startup_probes_s", "sweep_setup_s", "sweep_later_over_first",
+              "sweep_setup_reused", "peak_rss_mb", "precision", "channels_last", "compile",
+              "cudnn_benchmark", "fused_optimizer"}
 
 
 @pytest.mark.slow
 def test_bench_prints_a_table_and_a_json_last_line(tmp_path):
-    proc = run_cli(["--rounds", "1", "--warmup", "0", "--workers", "0", "--startup-probes", "1",
+    proc = run_cli(["--rounds", "1", "--warmup", "0", "--workers", "0", "--startup-probes", "2",
                     "--variants", "flex", *TINY], cwd=tmp_path,
                    module="flexexp.bench")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -34,8 +37,24 @@ def test_bench_prints_a_table_and_a_json_last_line(tmp_path):
         result["harness_img_s"] / result["compute_bound_img_s"], 4)
     assert result["harness_over_reference"] == approx_f64(
         result["harness_img_s"] / result["reference_img_s"], 4)
-    assert len(result["startup_probes_s"]) == 1
-    assert result["startup_s"] == result["startup_probes_s"][0]
+    # two start-up probes, each a 3-cell sweep in one process: a fresh process's start-up
+    # to its first step, and each cell's set-up + first step
+    probes, sweeps = result["startup_probes_s"], result["sweep_setup_s"]
+    assert len(probes) == 2 and all(v > 0 for v in probes)
+    assert result["startup_s"] == statistics.median(probes)  # the same expression
+    assert len(sweeps) == 2 and all(len(s) == 3 and all(v > 0 for v in s) for s in sweeps)
+    # per probe: an addition and a division for the mean, one division for the ratio; the
+    # median of two adds an addition and a halving: at most 5 roundings on each side
+    assert result["sweep_later_over_first"] == approx_f64(
+        statistics.median((s[1] + s[2]) / 2 / s[0] for s in sweeps), 12)
+    # the later cells of each sweep took over the first's data and model (flexexp.reuse)
+    assert result["sweep_setup_reused"] == [[{"data": False, "model": False},
+                                             *[{"data": True, "model": True}] * 2]] * 2
+    assert "sweep set-up (cells 1/2/3):" in proc.stdout
+    # the speed settings as resolved for a CPU: fp32, NCHW, eager; printed in the table
+    assert (result["precision"], result["channels_last"], result["compile"]) == (
+        "float32", False, "none")
+    assert "precision float32, channels_last false, compile none" in proc.stdout
     # the base was added and timed once, next to the variant: one round's overhead is
     # the ratio of the two step times
     step = result["variant_step_s"]
@@ -82,6 +101,9 @@ def test_bench_times_a_base_asked_for_alone(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(result["variant_step_s"]) == {"avg"} and result["variant_step_s"]["avg"] > 0
     assert "variant_overhead" not in result and result["startup_s"] is None
+    assert result["startup_probes_s"] == result["sweep_setup_s"] == []
+    assert result["sweep_later_over_first"] is None
+    assert "start-up to first step: not measured" in proc.stdout
     # the reference loop ran here: no process of its own to report on
     assert result["reference_process"] == "shared" and "reference_keep_heap" not in result
     assert result["reference_img_s"] > 0
@@ -149,13 +171,78 @@ def test_bench_rejects_bad_arguments(tmp_path):
     assert proc.returncode == 2 and "unknown --variants ['nope']" in proc.stderr
 
 
+def _write_result(path, seed, setup_s, first_step_s, reused, status="completed"):
+    path.mkdir(parents=True)
+    (path / "result.json").write_text(json.dumps({
+        "seed": seed, "status": status, "startup_s": 2.5, "setup_s": setup_s,
+        "first_step_s": first_step_s, "setup_reused": {"data": reused, "model": reused},
+        "test_acc": 10.0}))
 
 
+def test_sweep_probe_cells_are_read_in_seed_order(tmp_path):
+    # the directories sort in another order than the seeds
+    _write_result(tmp_path / "a" / "seed2-x", 2, 0.25, 0.5, True)
+    _write_result(tmp_path / "b" / "seed0-x", 0, 1.5, 40.0, False)
+    _write_result(tmp_path / "c" / "seed1-x", 1, 0.125, 0.75, True)
+    cells = bench.read_sweep_probe(tmp_path)
+    assert [c["setup_s"] for c in cells] == [1.5, 0.125, 0.25]
+    assert [c["first_step_s"] for c in cells] == [40.0, 0.75, 0.5]
+    assert [c["setup_reused"]["model"] for c in cells] == [False, True, True]
+    assert all(c["startup_s"] == 2.5 for c in cells)
 
 
+@pytest.mark.parametrize("case", ["missing", "failed"])
+def test_sweep_probe_needs_every_cell_completed(tmp_path, case):
+    _write_result(tmp_path / "0", 0, 1.0, 1.0, False)
+    _write_result(tmp_path / "1", 1, 1.0, 1.0, True)
+    if case == "failed":
+        _write_result(tmp_path / "2", 2, 1.0, 1.0, True, status="failed")
+    with pytest.raises(bench.FlexexpError, match="seeds \\[0, 1\\]" if case == "missing"
+                       else "seed=2 has status 'failed'"):
+        bench.read_sweep_probe(tmp_path)
 
 
+def test_startup_summary_of_two_probes():
+    def cell(startup, setup, first):
+        return {"startup_s": startup, "setup_s": setup, "first_step_s": first,
+                "setup_reused": {"data": setup < 1, "model": setup < 1}}
+
+    probes = [[cell(2.0, 1.5, 40.0), cell(2.0, 0.125, 0.75), cell(2.0, 0.25, 0.5)],
+              [cell(3.0, 2.5, 30.0), cell(3.0, 0.5, 1.0), cell(3.0, 0.25, 1.25)]]
+    out = bench.startup_summary(probes)
+    assert out["startup_probes_s"] == [3.5, 5.5]  # first cell's start-up + set-up
+    assert out["startup_s"] == 4.5  # their median (exact in binary: dyadic numbers)
+    assert out["sweep_setup_s"] == [[41.5, 0.875, 0.75], [32.5, 1.5, 1.5]]
+    # later over first: a sum, two divisions per probe; the median adds a sum and a halving
+    expected = ((0.875 + 0.75) / 2 / 41.5 + (1.5 + 1.5) / 2 / 32.5) / 2
+    assert out["sweep_later_over_first"] == approx_f64(expected, 8)
+    assert out["sweep_setup_reused"][1][1] == {"data": True, "model": True}
+    assert bench.startup_summary([]) == {
+        "startup_s": None, "startup_probes_s": [], "sweep_setup_s": [],
+        "sweep_later_over_first": None, "sweep_setup_reused": []}
 
 
+def test_sweep_probe_command_runs_three_seeds_after_the_overrides():
+    cmd = bench.sweep_probe_command(["seed=7", "trainer.compile=default"], 64, "/tmp/r")
+    assert cmd[1:5] == ["-m", "flexexp.train", "-m", "seed=7"]
+    # the probe's seeds come after the benchmarked overrides: Hydra's last value wins
+    assert cmd.index("seed=0,1,2") > cmd.index("seed=7")
+    assert cmd[-3:] == ["dataset.train_size=64", "trainer.progress=false", "paths.runs=/tmp/r"]
 
 
+def test_table_prints_the_resolved_settings_and_the_sweep():
+    r = {"device": "cuda:0", "precision": "bfloat16", "channels_last": True,
+         "compile": "reduce-overhead", "cudnn_benchmark": True, "fused_optimizer": True,
+         "compute_bound_img_s": 100.0, "harness_img_s": 90.0, "reference_img_s": 50.0,
+         "harness_over_compute": 0.9, "harness_over_reference": 1.8, "peak_rss_mb": 1000.0,
+         "startup_s": 4.5, "startup_probes_s": [3.5, 5.5],
+         "sweep_setup_s": [[41.5, 0.875, 0.75], [32.5, 1.5, 1.5]],
+         "sweep_later_over_first": 0.0334}
+    table = bench.format_table(r)
+    assert table.splitlines()[0] == (
+        "cuda:0: precision bfloat16, channels_last true, compile reduce-overhead, "
+        "cudnn_benchmark true, fused_optimizer true")
+    assert "start-up to first step: 4.50 s (median of 3.50, 5.50)" in table
+    # each cell's median over the probes
+    assert "sweep set-up (cells 1/2/3): 37.00 / 1.19 / 1.12 s" in table
+    assert "later cells / first: 0.033" in table

@@ -14,6 +14,7 @@ from helpers import TINY, approx_f64, make_cfg
 from flexexp import engine, reuse, trainer
 from flexexp.data.loader import Augment, DeviceLoader
 from flexexp.errors import ConfigError
+from flexexp.models import build_model
 from flexexp.speed import channels_last_setting, compile_setting
 from flexexp.tracking import read_json
 
@@ -92,6 +93,17 @@ def test_compile_mode_trains_on_cpu(tmp_path, monkeypatch, mode, used):
                                 "model.depth=8"]), tmp_path / "run")
     assert rec["status"] == "completed" and rec["compile"] == used
     assert list((tmp_path / "inductor").rglob("*.so"))  # inductor built C++ kernels for it
+
+
+def test_train_step_takes_a_compiled_forward_from_an_earlier_cell():
+    """A sweep's later cell passes the compiled forward it kept (flexexp.reuse): its truth
+    value would ask the wrapped loss module for a length it does not have. Compiling is
+    lazy, so nothing is compiled here."""
+    cfg, cpu = make_cfg(TINY), torch.device("cpu")
+    model = build_model(cfg)
+    speed = engine.resolve_speed(cfg.trainer, cpu)
+    forward = engine.forward_module(cfg, model, cpu, engine.Dist(), "default")
+    assert engine.TrainStep(cfg, model, cpu, speed, forward=forward).forward is forward
 
 
 def test_loader_shards_each_batch_across_ranks():
