@@ -2,8 +2,22 @@
 # GPU checks, run on a machine with one CUDA GPU (or as a CPU dry run, which CI runs).
 #
 #   bash scripts/gpu_check.sh --prepare                 # here: wheels + data to carry (.whl/, .gpu-data/)
+#   bash scripts/gpu_check.sh                           # there: the GPU check (below), ~8 min
+#   bash scripts/gpu_check.sh --dry-run                 # CPU, tiny sizes: the same steps
 #   bash scripts/gpu_check.sh --grid fashion_mnist      # there: the paper's Fashion-MNIST rows
 #   bash scripts/gpu_check.sh --grid fashion_mnist --dry-run   # CPU, tiny sizes: the same steps
+#
+# Without --grid: the GPU check, each step within its time budget (`timeout`):
+#   1. the GPU test tier (python -m pytest -q -m gpu tests/test_gpu.py; 200 s);
+#   2. python -m flexexp.bench at the GPU defaults (bf16, NHWC, CUDA graphs; 90 s) and with
+#      trainer=plain (fp32, NCHW, eager; 60 s), on the heaviest cell (pool=flex_reg_dropout
+#      sac=on), synthetic CIFAR-10 sizes (32x32, 50,000 + 10,000 images, batch 1000);
+#   3. one 100-epoch cell at those sizes and the GPU defaults, the whole process timed (150 s).
+# One JSON line per measurement goes to --out (default results/bench)/gpu-<device>.jsonl
+# (device: the GPU's name, e.g. nvidia-h100-80gb-hbm3), the table to gpu-<device>.md, which
+# is printed. Exits 1 if a step failed or ran out of time (its line says which). --dry-run:
+# the same steps on the CPU at 200 images, batch 100, 2 epochs, into runs/gpu-check-dry
+# (never results/); the GPU tier skips there.
 #
 # --grid fashion_mnist trains the Fashion-MNIST rows of Tables 1 and 2: 4 pooling variants x
 # SAC off/on, 100 epochs at batch 1000 (the paper's recipe), for each seed of --seeds
@@ -15,16 +29,17 @@
 # Options: --seeds 0,1,2  --out DIR  --runs DIR  --data-root DIR  --jobs N  --dry-run
 # Anything after `--` is passed to every training run (e.g. -- trainer.compile=true).
 #
-# Where hydra-core/omegaconf are not installed (the lent GPU machines), they are installed
-# from the wheels in .whl/ (made by --prepare) into a temporary folder on PYTHONPATH. The
-# data come from --data-root (default .gpu-data, made by --prepare from Debian's package
-# dataset-fashion-mnist or from data/), and are verified against the published MD5s.
+# Where hydra-core/omegaconf (or, for the GPU check, pytest) are not installed (the lent GPU
+# machines), they are installed from the wheels in .whl/ (made by --prepare) into a
+# temporary folder on PYTHONPATH. The data of --grid come from --data-root (default
+# .gpu-data, made by --prepare from Debian's package dataset-fashion-mnist or from data/),
+# and are verified against the published MD5s.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 
 GRID="" SEEDS="0" OUT="" RUNS="" DATA=".gpu-data" JOBS=4 DRY=0 PREPARE=0 EXTRA=()
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --grid) GRID="$2"; shift 2 ;;
@@ -50,6 +65,9 @@ if [[ $PREPARE == 1 ]]; then
   $PY -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
   $PY -m pip download --quiet --no-deps -d .whl "hydra-core>=1.3.2,<1.4" "omegaconf>=2.3" \
     hydra-joblib-launcher
+  # pytest for the GPU tier (pure-Python wheels; exceptiongroup and tomli for Python 3.10)
+  $PY -m pip download --quiet --no-deps -d .whl pytest pluggy iniconfig packaging pygments \
+    exceptiongroup tomli
   for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte \
            t10k-labels-idx1-ubyte; do
     src=""
@@ -66,12 +84,15 @@ if [[ $PREPARE == 1 ]]; then
   exit 0
 fi
 
-[[ "$GRID" == "fashion_mnist" ]] || {
-  echo "error: --grid fashion_mnist is the one grid so far (got '${GRID:-nothing}')." >&2
+[[ -z "$GRID" || "$GRID" == "fashion_mnist" ]] || {
+  echo "error: --grid fashion_mnist is the one grid so far (got '$GRID')." >&2
   usage >&2; exit 2; }
 
-if ! $PY -c "import hydra, omegaconf" 2>/dev/null; then
-  ls .whl/*.whl >/dev/null 2>&1 || { echo "error: hydra-core is not installed and .whl/ holds" \
+NEED=()
+$PY -c "import hydra, omegaconf" 2>/dev/null || NEED+=(hydra-core omegaconf)
+[[ -z "$GRID" ]] && ! $PY -c "import pytest" 2>/dev/null && NEED+=(pytest)
+if [[ ${#NEED[@]} -gt 0 ]]; then
+  ls .whl/*.whl >/dev/null 2>&1 || { echo "error: ${NEED[*]} not installed and .whl/ holds" \
     "no wheels: run 'bash scripts/gpu_check.sh --prepare' where pip reaches PyPI, and carry" \
     ".whl." >&2; exit 2; }
   SITE="$(mktemp -d)"
@@ -79,6 +100,12 @@ if ! $PY -c "import hydra, omegaconf" 2>/dev/null; then
   export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+
+if [[ -z "$GRID" ]]; then
+  source "$ROOT/scripts/gpu_check_steps.sh"
+  gpu_check_main
+  exit $?
+fi
 
 if [[ $DRY == 1 ]]; then  # a dry run never writes into results/
   RUNS="${RUNS:-runs/fmnist-gpu-dry}" OUT="${OUT:-runs/fmnist-gpu-dry/report}"

@@ -18,15 +18,29 @@ if _WORKERS > 1:
 
 
 def pytest_collection_modifyitems(config, items):
-    """``realdata`` tests run only where the package's four files are installed."""
+    """``realdata`` tests run only where the package's four files are installed, ``gpu``
+    tests only where PyTorch sees a CUDA GPU."""
+    _skip_marked(items, "realdata", _realdata_missing())
+    if not torch.cuda.is_available():
+        _skip_marked(items, "gpu", "no CUDA GPU (torch.cuda.is_available() is False)")
+
+
+def _realdata_missing() -> str | None:
+    """Why the ``realdata`` tests cannot run here, or None when they can."""
     from flexexp.data.paper import FMNIST_FILES
 
     if all((REAL_FMNIST / f"{f}.gz").is_file() for f in FMNIST_FILES):
+        return None
+    return f"no real Fashion-MNIST in {REAL_FMNIST}/ (apt-get install dataset-fashion-mnist)"
+
+
+def _skip_marked(items, marker: str, reason: str | None) -> None:
+    """Skip the tests marked ``marker`` with ``reason`` (nothing when it is None)."""
+    if reason is None:
         return
-    skip = pytest.mark.skip(reason=f"no real Fashion-MNIST in {REAL_FMNIST}/ (apt-get install "
-                                   "dataset-fashion-mnist)")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
-        if "realdata" in item.keywords:
+        if marker in item.keywords:
             item.add_marker(skip)
 
 
