@@ -179,7 +179,5 @@ def test_sweep_of_three_seeds_reuses_the_compiled_model(tmp_path):
     reused = [r["setup_reused"] for r in recs]
     assert reused[0] == {"data": False, "model": False}
     assert all(r["model"] and r["data"] for r in reused[1:]), reused
-    # the later cells skip the compilation: their first step is the faster
-    assert max(r["first_step_s"] for r in recs[1:]) < recs[0]["first_step_s"]
     # a fresh initialisation per seed: the seeds train to different weights
     assert recs[1]["history"][-1]["train_loss"] != recs[2]["history"][-1]["train_loss"]
