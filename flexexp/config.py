@@ -177,10 +177,9 @@ def validate(cfg: DictConfig) -> None:
             f"file of yours (dataset, pool, ...) lacks it; copy the key from the matching "
             f"file under {CONF_DIR}."
         )
-    _positive(cfg, "trainer.epochs", "give the number of epochs, e.g. trainer.epochs=100")
-    _positive(cfg, "trainer.batch_size", "give images per step, e.g. trainer.batch_size=1000")
-    _positive(cfg, "optim.lr", "give the (peak) learning rate, e.g. optim.lr=0.1")
-    _positive(cfg, "trainer.eval_every", "evaluate every N epochs, e.g. trainer.eval_every=1")
+    from flexexp.ranges import check_ranges
+
+    check_ranges(cfg)  # every numeric key in its range (flexexp/ranges.py), first
     _validate_trainer(cfg)
     _validate_dataset(cfg)
     _validate_model(cfg)
@@ -377,6 +376,9 @@ def _validate_sac(cfg: DictConfig) -> None:
             )
         if any(w < 0 for w in weights):
             raise ConfigError(f"sac.weights={weights} must not be negative, e.g. [0.1,0.2,0.7].")
+        if not weights[-1] > 0:  # the main head predicts: with weight 0 nothing trains it
+            raise ConfigError(f"sac.weights={weights}: the main head's weight (the last) must "
+                              "be positive, as its predictions are the result; e.g. [0.1,0.2,0.7].")
         if not all(a < b for a, b in zip(weights, weights[1:], strict=False)):
             warnings.warn(
                 f"sac.weights={weights} are not increasing; the paper requires l1 < l2 < l3 "

@@ -144,7 +144,7 @@ def test_corrupt_checkpoint_is_moved_aside(tmp_path):
 def test_bad_config_on_cli_exits_2_with_one_paragraph(tmp_path):
     proc = run_cli([*TINY, "trainer.epochs=0", f"paths.runs={tmp_path}"], cwd=tmp_path)
     assert proc.returncode == 2
-    assert "trainer.epochs=0 must be positive" in proc.stderr
+    assert "trainer.epochs=0 is outside its range [1, inf)" in proc.stderr
     assert "Traceback" not in proc.stderr
     proc = run_cli(["pool=flexx"], cwd=tmp_path)
     assert proc.returncode == 2 and "Did you mean 'flex'" in proc.stderr
