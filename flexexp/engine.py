@@ -39,8 +39,8 @@ __all__ = ["onecycle_lr", "constant_lr", "SCHEDULES", "learning_rate", "resolve_
            "resolve_precision", "COMPILE_MODES", "resolve_compile", "Speed", "resolve_speed",
            "autocast_for", "configure_process", "prepare_device", "Dist", "init_distributed",
            "make_train_loader", "make_test_loader", "head_names",
-           "evaluate", "Counters", "StepResult", "TrainStep", "head_weights",
-           "forward_module"]
+           "evaluate", "DIVERGED_FACTOR", "FINAL_FACTOR", "diverged", "Counters", "StepResult", "TrainStep",
+           "head_weights", "forward_module"]
 
 
 # ---------------------------------------------------------------------------- schedule
@@ -331,6 +331,28 @@ class StepResult:
     ce: torch.Tensor  # (heads,) cross-entropy of every head, the main head last
     main_logits: torch.Tensor  # (batch, classes) the main head's logits
     penalty: torch.Tensor | None  # () the pool regulariser, None when pool.reg is 0
+
+
+#: The divergence rule. Chance level is ln K for K classes (the cross-entropy of a model
+#: that knows nothing); training starts near it and falls. An epoch whose mean loss of any
+#: head is over DIVERGED_FACTOR x ln K has diverged (exploding weights: Adam at lr 1e3 gives
+#: ~4,000 x ln K; the paper's lr 0.1 on a tiny run was seen to spike a SAC head to 15 x ln K
+#: in its first epoch and recover), and so has a run whose last epoch ends with the main
+#: head's mean loss over FINAL_FACTOR x ln K (a run that learnt nothing ends near 1 x).
+DIVERGED_FACTOR = 100.0
+FINAL_FACTOR = 10.0
+
+
+def diverged(head_loss: dict[str, float], num_classes: int,
+             last: bool = False) -> list[tuple[str, float]]:
+    """The heads (name, mean loss) past the divergence rule; ``last``: the run's last epoch,
+    where the main head (the last entry) must also be under FINAL_FACTOR x ln K."""
+    ln_k = math.log(num_classes)
+    out = [(h, v) for h, v in head_loss.items() if not v <= DIVERGED_FACTOR * ln_k]
+    main, loss = list(head_loss.items())[-1]
+    if last and not loss <= FINAL_FACTOR * ln_k and (main, loss) not in out:
+        out.append((main, loss))
+    return out
 
 
 @dataclass

@@ -31,7 +31,7 @@ from flexexp.data.sources import ImageArrays
 from flexexp.engine import Dist, Speed, forward_module
 from flexexp.models import CifarResNet
 
-__all__ = ["arrays", "model_and_forward", "clear"]
+__all__ = ["arrays", "data_fingerprint", "model_and_forward", "clear"]
 
 _kept: dict[str, tuple[str, Any]] = {}
 
@@ -53,9 +53,22 @@ def arrays(dataset: DictConfig, load: Callable[[Any], ImageArrays]) -> tuple[Ima
     if kept is not None and kept[0] == key:
         return kept[1], True
     _kept.pop("arrays", None)  # free the old split before decoding the new one
+    _kept.pop("fingerprint", None)
     value = load(OmegaConf.to_object(dataset))
     _kept["arrays"] = (key, value)
     return value, False
+
+
+def data_fingerprint(value: ImageArrays) -> str:
+    """:func:`~flexexp.data.sources.fingerprint` of ``value``, computed once per arrays."""
+    from flexexp.data.sources import fingerprint
+
+    kept = _kept.get("fingerprint")
+    if kept is not None and kept[0] == id(value):
+        return kept[1]
+    digest = fingerprint(value)
+    _kept["fingerprint"] = (id(value), digest)
+    return digest
 
 
 def model_and_forward(cfg: DictConfig, build: Callable[[DictConfig], CifarResNet],

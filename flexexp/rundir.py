@@ -19,6 +19,7 @@ atomically (:mod:`flexexp.tracking`), so a kill at any moment leaves a readable 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import platform
 import sys
@@ -47,7 +48,10 @@ from flexexp.tracking import (
     write_json,
 )
 
-__all__ = ["make_writable", "exclusive", "claim", "diff_keys", "completed_record",
+log = logging.getLogger(__name__)
+
+__all__ = ["make_writable", "exclusive", "check_cell", "claim", "hydra_files", "remove_unclaimed",
+           "diff_keys", "completed_record", "check_same_data",
            "new_record", "runtime_record", "summary", "results", "write_failure", "write_result",
            "load_state", "restore", "save_state"]
 
@@ -70,8 +74,12 @@ def make_writable(run_dir: Path) -> None:
 
 
 @contextlib.contextmanager
-def exclusive(run_dir: Path) -> Iterator[None]:
-    """Hold ``run_dir/.lock`` so two processes never train the same cell at once."""
+def exclusive(run_dir: Path, wait: bool = False) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` so two processes never train the same cell at once.
+
+    A cell another process holds is an error, or, with ``wait`` (a sweep: two sweeps
+    that share cells), waited for: the cell is then usually complete, and skipped.
+    """
     import fcntl
 
     with open(run_dir / ".lock", "a+") as lock:
@@ -79,10 +87,13 @@ def exclusive(run_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            raise FlexexpError(
-                f"another process (pid {lock.read().strip() or '?'}) is training {run_dir} right "
-                "now; wait for it, or stop it before starting this cell again."
-            ) from None
+            holder = lock.read().strip() or "?"
+            if not wait:
+                raise FlexexpError(
+                    f"another process (pid {holder}) is training {run_dir} right now; wait "
+                    "for it, or stop it before starting this cell again.") from None
+            log.info("%s: waiting for pid %s, which is training this cell", run_dir, holder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         lock.seek(0)
         lock.truncate()
         lock.write(str(os.getpid()))
@@ -95,24 +106,61 @@ def exclusive(run_dir: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def claim(cfg: DictConfig, run_dir: Path, cell: str) -> None:
-    """Record the cell of ``run_dir``; refuse a directory that holds another cell."""
+def check_cell(cfg: DictConfig, run_dir: Path, cell: str) -> None:
+    """Refuse a directory that holds another cell (reads only)."""
     cell_path = run_dir / CELL_FILE
-    wanted = cell_config(cfg)
-    if cell_path.exists():
-        try:
-            held = read_json(cell_path)
-        except ValueError:
-            held = None
-        if held is not None and held.get("hash") != cell:
-            diff = diff_keys(held.get("config", {}), wanted)
-            raise ConfigError(
-                f"the run directory {run_dir} holds a run of a different config (differs in: "
-                f"{', '.join(diff) or 'unknown keys'}). Refusing to mix two configs in one "
-                "directory: use another paths.runs, or delete that directory to start fresh."
-            )
-    write_json(cell_path, {"hash": cell, "config": wanted})
+    if not cell_path.exists():
+        return
+    try:
+        held = read_json(cell_path)
+    except (OSError, ValueError):
+        held = None
+    if not isinstance(held, dict):
+        raise ConfigError(f"{cell_path} is not a cell record (unreadable, or not a JSON "
+                          "object): move it away, or delete the run directory to start fresh.")
+    if held.get("hash") != cell:
+        diff = diff_keys(held.get("config", {}), cell_config(cfg))
+        raise ConfigError(
+            f"the run directory {run_dir} holds a run of a different config (differs in: "
+            f"{', '.join(diff) or 'unknown keys'}). Refusing to mix two configs in one "
+            "directory: use another paths.runs, or delete that directory to start fresh."
+        )
+
+
+def claim(cfg: DictConfig, run_dir: Path, cell: str,
+          hydra_files: dict[str, str] | None = None) -> None:
+    """Record the cell of ``run_dir`` (``cell.json``, ``config.yaml`` and Hydra's record
+    in ``.hydra/``) for a run that starts; never called for one that is skipped, so a
+    completed run's files keep saying what produced them."""
+    check_cell(cfg, run_dir, cell)
+    write_json(run_dir / CELL_FILE, {"hash": cell, "config": cell_config(cfg)})
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    for name, text in (hydra_files or {}).items():
+        atomic_write_text(run_dir / ".hydra" / name, text)
+
+
+def hydra_files(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, str]:
+    """What Hydra writes into ``.hydra/`` (``hydra.output_subdir``, off in conf/config.yaml
+    so that a skipped rerun does not overwrite it): the config, Hydra's own, the overrides."""
+    return {"config.yaml": OmegaConf.to_yaml(cfg),
+            "hydra.yaml": OmegaConf.to_yaml(OmegaConf.create({"hydra": hydra_cfg})),
+            "overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
+
+
+def remove_unclaimed(run_dir: Path, root: Path) -> None:
+    """Remove a run directory that Hydra made for a run refused before it started (nothing
+    in it but Hydra's ``train.log``), and its empty parents below ``root``."""
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {"train.log"}:
+        return
+    (run_dir / "train.log").unlink(missing_ok=True)
+    root = root.resolve()
+    d = run_dir.resolve()
+    while d != root and root in d.parents:
+        try:
+            d.rmdir()
+        except OSError:  # not empty: another run lives there
+            break
+        d = d.parent
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -129,15 +177,34 @@ def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def completed_record(run_dir: Path) -> dict[str, Any] | None:
-    """The record of a run that already completed in ``run_dir``; None for any other."""
+    """The record of a run that already completed in ``run_dir``; None for any other (an
+    unreadable record is overwritten by the run). A ``result.json`` that is not a file
+    is refused: nothing of the user's is replaced."""
     result_path = run_dir / RESULT_FILE
+    if result_path.is_dir() or (result_path.exists() and not result_path.is_file()):
+        raise ConfigError(f"{result_path} is not a file (a folder?): move it away, or delete "
+                          "the run directory to start fresh.")
     if not result_path.exists():
         return None
     try:
         previous = read_json(result_path)
-    except ValueError:
-        previous = {}
+    except (OSError, ValueError):
+        return None
+    if not isinstance(previous, dict):
+        return None
     return previous if previous.get("status") == "completed" else None
+
+
+def check_same_data(previous: dict[str, Any], data: str, run_dir: Path) -> None:
+    """A completed run is the same cell only on the same data: refuse to count a run on
+    other data (test fixtures, another download) as this one."""
+    held = previous.get("data_fingerprint")
+    if held != data:
+        was = held or "none: an older record"
+        raise ConfigError(
+            f"{run_dir} holds a completed run on other data (data fingerprint {was}, now "
+            f"{data}): its result does not stand for this data. Use another paths.runs, or "
+            "delete that directory to train it again.")
 
 
 def new_record(cfg: DictConfig, run_dir: Path, cell: str) -> dict[str, Any]:
@@ -206,12 +273,18 @@ def results(history: list[dict[str, Any]], train_time: float,
 
 def write_failure(run_dir: Path, record: dict[str, Any], exc: BaseException,
                   started: float) -> None:
-    """Mark ``record`` failed with ``exc`` and write it, the traceback in ``error.txt``.
+    """Mark ``record`` failed (``interrupted`` for a signal or Ctrl-C) with ``exc`` and
+    write it, the traceback in ``error.txt``.
 
     Call it from the ``except`` block that caught ``exc``: the traceback is that one.
     """
-    record["status"] = "failed"
-    record["error"] = f"{type(exc).__name__}: {exc}"
+    from flexexp.signals import Interrupted
+
+    stopped = isinstance(exc, Interrupted | KeyboardInterrupt)
+    record["status"] = "interrupted" if stopped else "failed"
+    why = str(exc) if isinstance(exc, Interrupted) else f"{type(exc).__name__}: {exc}"
+    record["error"] = (f"{why}; the checkpoint of the last finished epoch is kept: run the same "
+                       "command to resume" if stopped else why)
     record["wall_time_s"] = time.time() - started
     atomic_write_text(run_dir / "error.txt", traceback.format_exc())
     write_json(run_dir / RESULT_FILE, record)
@@ -240,8 +313,8 @@ def load_state(run_dir: Path, cell: str, dist: Dist) -> dict[str, Any] | None:
         state = box[0]
     if state is not None and state.get("cell") != cell:
         raise ConfigError(
-            f"{run_dir / CHECKPOINT_FILE} belongs to another config; delete it to start "
-            "this run fresh."
+            f"{run_dir / CHECKPOINT_FILE} belongs to another config or other data (its key "
+            f"{state.get('cell')!r}, this run's {cell!r}); delete it to start this run fresh."
         )
     return state
 
@@ -265,10 +338,23 @@ def restore(state: dict[str, Any], step: TrainStep,
 def save_state(run_dir: Path, step: TrainStep, gen: torch.Generator, epoch: int,
                steps_per_epoch: int, history: list[dict[str, Any]], train_time: float,
                cell: str) -> None:
-    """Atomically checkpoint the end of epoch ``epoch`` (1-based) for :func:`restore`."""
+    """Atomically checkpoint the end of epoch ``epoch`` (1-based) for :func:`restore`.
+
+    Only finite weights are kept: a model with a NaN or infinite parameter or buffer is a
+    :class:`~flexexp.errors.DivergenceError`, and the checkpoint before it stays.
+    """
+    from flexexp.errors import DivergenceError
+
     device = step.device
+    state = step.model.state_dict()
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+    if bad:
+        raise DivergenceError(
+            f"after epoch {epoch} the model holds non-finite values ({', '.join(bad[:3])}"
+            f"{', ...' if len(bad) > 3 else ''}): the run diverged; the checkpoint of epoch "
+            f"{epoch - 1} is kept. Lower optim.lr and start the run again.")
     save_checkpoint(run_dir / CHECKPOINT_FILE, {
-        "model": step.model.state_dict(),
+        "model": state,
         "optimizer": step.optimizer.state_dict(),
         "scaler": step.scaler.state_dict(),
         "epoch": epoch,

@@ -26,7 +26,6 @@ __all__ = [
     "git_commit",
     "process_age",
     "startup_age",
-    "progress_bar",
     "TensorBoardLogger",
 ]
 
@@ -83,18 +82,6 @@ def git_commit(repo: Path | None = None) -> str | None:
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
-
-
-def progress_bar(enabled: bool, total: int, desc: str):
-    """A progress bar of ``total`` steps on stderr, or None when not ``enabled``."""
-    if not enabled:
-        return None
-    import sys
-
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, leave=False, file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.5)
 
 
 _IMPORTED_AT = time.time()

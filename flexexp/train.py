@@ -1,6 +1,6 @@
 """Command-line entry: ``python -m flexexp.train [overrides]`` (``-m`` for sweeps).
 
-Kept thin on purpose: the task lives in :mod:`flexexp.trainer`, so launchers that pickle
+Kept thin on purpose: the task lives in :mod:`flexexp.task`, so launchers that pickle
 it (joblib, submitit) import it by name instead of copying this module.
 """
 
@@ -24,9 +24,24 @@ def main() -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    from flexexp.trainer import task  # torch loads only once the overrides are known good
+    from flexexp.task import SWEEP_LOG_ENV, summary, task  # torch loads only now
 
-    hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)()
+    os.environ.pop(SWEEP_LOG_ENV, None)
+    try:
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(task)()
+    finally:
+        failed = _sweep_summary(os.environ.get(SWEEP_LOG_ENV), summary)
+    if failed:
+        sys.exit(1)
+
+
+def _sweep_summary(path: str | None, summary) -> int:
+    """Print a sweep's summary (every cell that did not complete); their number."""
+    if not path or not os.path.exists(path):
+        return 0
+    text, failed = summary(path)
+    print(text, file=sys.stderr if failed else sys.stdout)
+    return failed
 
 
 def _torchrun_arguments() -> None:

@@ -5,13 +5,13 @@ claim, skip a completed cell), :func:`setup` builds data, model and the step
 (:mod:`flexexp.engine`) and resumes from ``last.pt`` if there is one, then :func:`fit`
 loops over epochs in a fixed order (train an epoch, evaluate, log, checkpoint). The
 result record is written last, so a ``result.json`` with ``status: completed`` means
-the run really finished. :func:`task` is the Hydra entry point.
+the run really finished. The Hydra task that calls :func:`run` is :mod:`flexexp.task`.
 """
 
 from __future__ import annotations
 
 import logging
-import sys
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,18 +20,18 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from flexexp import engine, gpus, reuse, rundir
+from flexexp import console, engine, gpus, reuse, rundir, signals
 from flexexp.config import cell_hash, validate
 from flexexp.data.loader import DeviceLoader
 from flexexp.data.sources import load_arrays
 from flexexp.engine import Counters, Dist, StepResult, TrainStep
-from flexexp.errors import DivergenceError, FlexexpError
+from flexexp.errors import DivergenceError
 from flexexp.models import build_model
-from flexexp.tracking import CHECKPOINT_FILE, TensorBoardLogger, progress_bar, startup_age
+from flexexp.tracking import CHECKPOINT_FILE, TensorBoardLogger, startup_age
 
 log = logging.getLogger(__name__)
 
-__all__ = ["run", "setup", "fit", "task", "Loop"]
+__all__ = ["run", "setup", "fit", "Loop"]
 # The loop calls engine.learning_rate and engine.evaluate through the module, so a test
 # that patches them there reaches the loop.
 
@@ -59,6 +59,11 @@ class Loop:
         return len(self.train_loader)
 
     @property
+    def checkpoint_key(self) -> str:
+        """The cell and its data: a checkpoint resumes only the same cell on the same data."""
+        return f"{self.record['cell']}/{self.record.get('data_fingerprint')}"
+
+    @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.trainer.epochs
 
@@ -66,13 +71,15 @@ class Loop:
 # ---------------------------------------------------------------------------- the run
 
 
-def run(cfg: DictConfig, run_dir: str | Path, job_num: int = 0) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: str | Path, job_num: int = 0,
+        hydra_files: dict[str, str] | None = None, wait: bool = False) -> dict[str, Any]:
     """Train the cell ``cfg`` in ``run_dir``; return its result record.
 
-    A completed run in ``run_dir`` is skipped; an interrupted one resumes from
-    ``last.pt``. A failure writes ``status: failed`` with the error and re-raises.
-    Under ``torchrun`` every rank trains its share of each batch and rank 0 alone writes.
-    With several GPUs it takes one (:mod:`flexexp.gpus`; ``job_num``: its sweep number).
+    A completed run on the same data is skipped; an interrupted one resumes from
+    ``last.pt``. A failure writes ``status: failed`` (a signal: ``interrupted``) and
+    re-raises. Under ``torchrun`` every rank trains its share and rank 0 alone writes.
+    With several GPUs it takes one (:mod:`flexexp.gpus`; ``job_num``: its sweep number);
+    ``wait``: wait for a cell another process trains (sweeps) instead of failing.
     """
     startup_age()  # the process's start-up, before its first cell
     validate(cfg)
@@ -83,10 +90,10 @@ def run(cfg: DictConfig, run_dir: str | Path, job_num: int = 0) -> dict[str, Any
         record = _run_cell(cfg, run_dir, cell, dist, None)
     else:
         rundir.make_writable(run_dir)
-        with (rundir.exclusive(run_dir),
-              gpus.hold_gpu(cfg.trainer.device, cfg.trainer.gpu_policy, job_num) as gpu):
-            rundir.claim(cfg, run_dir, cell)
-            record = _run_cell(cfg, run_dir, cell, dist, gpu)
+        with (rundir.exclusive(run_dir, wait),
+              gpus.hold_gpu(cfg.trainer.device, cfg.trainer.gpu_policy, job_num) as gpu,
+              signals.catch(dist.world == 1)):
+            record = _run_cell(cfg, run_dir, cell, dist, gpu, hydra_files)
     if dist.world > 1:  # leave together: a rank that exits early aborts the others
         import torch.distributed as tdist
 
@@ -95,17 +102,24 @@ def run(cfg: DictConfig, run_dir: str | Path, job_num: int = 0) -> dict[str, Any
     return record
 
 
-def _run_cell(cfg: DictConfig, run_dir: Path, cell: str, dist: Dist,
-              gpu: int | None) -> dict[str, Any]:
-    previous = rundir.completed_record(run_dir)
-    if previous is not None:
-        log.info("%s already completed (test_acc %.2f); skipping", run_dir,
-                 previous.get("test_acc") or float("nan"))
-        return previous
+def _run_cell(cfg: DictConfig, run_dir: Path, cell: str, dist: Dist, gpu: int | None,
+              hydra_files: dict[str, str] | None = None) -> dict[str, Any]:
     started = time.time()
+    if dist.main:
+        rundir.check_cell(cfg, run_dir, cell)
+    data = reuse.arrays(cfg.dataset, load_arrays)
+    fingerprint = reuse.data_fingerprint(data[0])
+    previous = rundir.completed_record(run_dir)
+    if previous is not None:  # on the same data only; its files are left as they are
+        rundir.check_same_data(previous, fingerprint, run_dir)
+        log.info("%s", console.done_line(previous, skipped=True))
+        return previous
+    if dist.main:
+        rundir.claim(cfg, run_dir, cell, hydra_files)
     record = rundir.new_record(cfg, run_dir, cell)
+    record.update(data_fingerprint=fingerprint, data_root=str(Path(cfg.dataset.root).resolve()))
     try:
-        record.update(fit(setup(cfg, run_dir, record, dist, gpu)))
+        record.update(fit(setup(cfg, run_dir, record, dist, gpu, data, started)))
         record["status"] = "completed"
     except BaseException as exc:  # KeyboardInterrupt too: the record says what happened
         if not dist.main:
@@ -115,17 +129,19 @@ def _run_cell(cfg: DictConfig, run_dir: Path, cell: str, dist: Dist,
     record["config"] = OmegaConf.to_container(cfg, resolve=True)
     if dist.main:
         rundir.write_result(run_dir, record)  # last: only a finished run has status completed
+        log.info("%s", console.done_line(record))
     return record
 
 
 def setup(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist,
-          gpu: int | None = None) -> Loop:
+          gpu: int | None = None, data: tuple[Any, bool] | None = None,
+          t_start: float | None = None) -> Loop:
     """Device, data, model and step of the run, resumed from ``last.pt`` if there is one.
     In a sweep, the data and the compiled model come from the cell before when the same
     (:mod:`flexexp.reuse`)."""
-    t_start = time.time()
+    t_start = t_start or time.time()
     device, speed = engine.prepare_device(cfg.trainer, dist, gpu)
-    arrays, data_reused = reuse.arrays(cfg.dataset, load_arrays)
+    arrays, data_reused = data or reuse.arrays(cfg.dataset, load_arrays)
     fmt = speed.memory_format
     train_loader, gen = engine.make_train_loader(cfg, arrays, device, fmt, dist)
     test_loader = engine.make_test_loader(cfg, arrays, device, fmt)
@@ -133,7 +149,7 @@ def setup(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist,
                                                            dist)
     step = TrainStep(cfg, model, device, speed, dist, forward)
     loop = Loop(cfg, run_dir, record, dist, step, train_loader, test_loader, gen, t_start)
-    state = rundir.load_state(run_dir, record["cell"], dist)
+    state = rundir.load_state(run_dir, loop.checkpoint_key, dist)
     if state is not None:
         loop.start_epoch, loop.history, loop.train_time = rundir.restore(state, loop.step, gen)
         log.info("resuming %s from epoch %d/%d", run_dir, loop.start_epoch, cfg.trainer.epochs)
@@ -166,7 +182,7 @@ def fit(loop: Loop) -> dict[str, Any]:
                 _log_epoch(loop, entry, bar, epoch + 1)
                 rundir.save_state(loop.run_dir, loop.step, loop.gen, epoch + 1,
                                   loop.steps_per_epoch, loop.history, loop.train_time,
-                                  loop.record["cell"])
+                                  loop.checkpoint_key)
     finally:
         loop.tb.close()
     return rundir.results(loop.history, loop.train_time, time.time() - loop.t_start)
@@ -180,9 +196,9 @@ def _train_epoch(loop: Loop, epoch: int, bar) -> dict[str, Any]:
     c = Counters.zeros(len(names), loop.step.device)
     lr, epoch_time = _train_steps(loop, epoch, c, bar)
     loop.train_time += epoch_time
-    _check_finite(loop, c, epoch)
     seen = float(c.seen)
     head_loss = (c.loss / seen).tolist()
+    _check_diverged(loop, c, dict(zip(names, head_loss, strict=True)), epoch)
     weights = loop.step.head_weights
     return {
         "epoch": epoch + 1,
@@ -206,6 +222,7 @@ def _train_steps(loop: Loop, epoch: int, c: Counters, bar) -> tuple[float, float
         lr = engine.learning_rate(loop.cfg, step, loop.total_steps)
         out = _first_step(loop, x, y, lr) if step == first_step else loop.step.step(x, y, lr)
         c.update(step, y, out)
+        signals.check()  # SIGTERM/SIGUSR1: stop here (flexexp.signals)
         if bar is not None:
             bar.update(1)
             if i % max(1, steps_per_epoch // 10) == 0 or i == steps_per_epoch - 1:
@@ -230,18 +247,23 @@ def _first_step(loop: Loop, x: torch.Tensor, y: torch.Tensor, lr: float) -> Step
     return out
 
 
-def _check_finite(loop: Loop, c: Counters, epoch: int) -> None:
-    """A DivergenceError if a step of the epoch had a NaN or infinite loss."""
-    bad_step = int(c.bad_step)
-    if bad_step < 0:
+def _check_diverged(loop: Loop, c: Counters, head_loss: dict[str, float], epoch: int) -> None:
+    """A DivergenceError if a step of the epoch had a NaN or infinite loss, or a head's
+    mean cross-entropy is far above chance (:func:`flexexp.engine.diverged`)."""
+    bad_step, k = int(c.bad_step), loop.step.model.num_classes
+    last = epoch + 1 == loop.cfg.trainer.epochs
+    high = engine.diverged(head_loss, k, last)
+    if bad_step < 0 and not high:
         return
     kept = (f"the last good checkpoint (epoch {epoch}) is kept in "
             f"{loop.run_dir / CHECKPOINT_FILE}" if epoch > 0 else "no checkpoint was written")
-    raise DivergenceError(
-        f"the training loss became NaN or infinite at epoch {epoch + 1}, step "
-        f"{bad_step} (lr {engine.learning_rate(loop.cfg, bad_step, loop.total_steps):.3g}); "
-        f"{kept}. Lower optim.lr (or check the data) and start the run again."
-    )
+    what = (f"the training loss became NaN or infinite at step {bad_step} (lr "
+            f"{engine.learning_rate(loop.cfg, bad_step, loop.total_steps):.3g})" if bad_step >= 0
+            else f"the mean training loss of {', '.join(f'{h} ({v:.3g})' for h, v in high)} is "
+            f"over {engine.FINAL_FACTOR if last else engine.DIVERGED_FACTOR:g} x chance level "
+            f"ln({k}) = {math.log(k):.3g} (README, Failure policy)")
+    raise DivergenceError(f"the run diverged in epoch {epoch + 1}: {what}; {kept}. Lower "
+                          "optim.lr (or check the data) and start the run again.")
 
 
 def _evaluate(loop: Loop, epoch: int, entry: dict[str, Any]) -> None:
@@ -254,46 +276,13 @@ def _evaluate(loop: Loop, epoch: int, entry: dict[str, Any]) -> None:
 def _log_epoch(loop: Loop, e: dict[str, Any], bar, epoch: int) -> None:
     """The epoch on the progress bar, in TensorBoard and in one log line."""
     if bar is not None:
-        bar.set_postfix(loss=f"{e['train_loss']:.3f}", acc=f"{e['train_acc']:.1f}",
-                        test=f"{e.get('test_acc', float('nan')):.1f}",
-                        img_s=f"{e['images_per_s']:.0f}")
         bar.close()
     loop.tb.epoch(e, loop.step.model, epoch)
-    log.info(
-        "epoch %d: loss %.4f train %.2f%% test %s lr %.2e %.0f img/s",
-        epoch, e["train_loss"], e["train_acc"],
-        f"{e['test_acc']:.2f}%" if "test_acc" in e else "-", e["lr"], e["images_per_s"],
-    )
+    log.info("%s", console.epoch_line(e, epoch, loop.cfg.trainer.epochs))
 
 
 def _progress(loop: Loop, epoch: int):
-    """The epoch's progress bar on stderr (rank 0, ``trainer.progress``), else None."""
+    """The epoch's progress bar on a terminal (rank 0, ``trainer.progress``), else None."""
     t = loop.cfg.trainer
-    return progress_bar(bool(t.progress and loop.dist.main), loop.steps_per_epoch,
-                        f"epoch {epoch + 1}/{t.epochs}")
-
-
-# ---------------------------------------------------------------------------- Hydra task
-
-
-def task(cfg: DictConfig) -> float | None:
-    """The ``@hydra.main`` task: run the cell in Hydra's output directory.
-
-    In a single run a user-fixable error (bad config, missing data) is printed as one
-    paragraph and the process exits with status 2; in a sweep it is raised so Hydra marks
-    the cell failed and goes on with the others.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    hc = HydraConfig.get()
-    try:
-        job_num = OmegaConf.select(hc, "job.num", default=0)  # missing in a single run
-        record = run(cfg, hc.runtime.output_dir, job_num=job_num or 0)
-    except FlexexpError as exc:
-        if hc.mode == RunMode.RUN:
-            log.error("%s", exc)
-            print(f"\nerror: {exc}", file=sys.stderr)
-            sys.exit(2)
-        raise
-    return record.get("test_acc")
+    return console.progress_bar(bool(t.progress and loop.dist.main), loop.steps_per_epoch,
+                                f"epoch {epoch + 1}/{t.epochs}")

@@ -111,7 +111,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         trainer.run(cfg, tmp_path / "cut")
     rec = read_json(tmp_path / "cut" / "result.json")
-    assert rec["status"] == "failed" and "simulated kill" in rec["error"]
+    assert rec["status"] == "interrupted" and "simulated kill" in rec["error"]
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
 
     monkeypatch.setattr(engine, "evaluate", real_evaluate)

@@ -99,7 +99,7 @@ def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     # an absurd learning rate from epoch 2 on: the loss overflows
     monkeypatch.setattr(engine, "learning_rate",
                         lambda c, step, total: 1e30 if step >= steps else real_lr(c, step, total))
-    with pytest.raises(FlexexpError, match="NaN or infinite at epoch 2, step"):
+    with pytest.raises(FlexexpError, match="diverged in epoch 2: the training loss became NaN or infinite at step"):
         trainer.run(cfg, tmp_path / "run")
     rec = read_json(tmp_path / "run" / "result.json")
     assert rec["status"] == "failed" and "DivergenceError" in rec["error"]
@@ -119,7 +119,8 @@ def test_nan_cell_fails_and_the_sweep_goes_on(tmp_path):
                   key=lambda r: r["config"]["optim"]["lr"] if "config" in r else 1e30)
     by_status = {r["status"]: r for r in recs}
     assert set(by_status) == {"failed", "completed"}  # ... after running the next cell
-    assert "NaN or infinite at epoch 1" in by_status["failed"]["error"]
+    assert "diverged in epoch 1: the training loss became NaN or infinite" in \
+        by_status["failed"]["error"]
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -20,7 +20,8 @@ from torch import Tensor
 from flexexp.errors import DataError
 from flexexp.schema import DatasetConfig
 
-__all__ = ["ImageArrays", "DATASETS", "DataError", "load_arrays", "fit_size", "subsample_split"]
+__all__ = ["ImageArrays", "DATASETS", "DataError", "load_arrays", "fit_size", "subsample_split",
+           "fingerprint"]
 
 
 @dataclass
@@ -49,6 +50,18 @@ class ImageArrays:
                     f"{spec.name}: {split} labels span {int(y.min())}..{int(y.max())} but "
                     f"dataset.num_classes={spec.num_classes}."
                 )
+
+
+def fingerprint(arrays: ImageArrays) -> str:
+    """16 hex digits of a hash of every image and label of both splits (with their shapes):
+    the identity of the data a run trained on, whatever folder or download it came from."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for t in (arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test):
+        h.update(f"{tuple(t.shape)}{t.dtype};".encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def fit_size(x: Tensor, size: int) -> Tensor:

@@ -1,0 +1,132 @@
+"""The Hydra task (one cell per call) and what a sweep tells its user.
+
+:func:`task` runs :func:`flexexp.trainer.run` in Hydra's output directory. What happens
+when a cell goes wrong (README "Failure policy"):
+
+- a single run with a user-fixable error (bad value, missing data) prints it once, as one
+  paragraph, and exits with status 2; a run refused before it started leaves no folder;
+- in a sweep the cell's ``result.json`` says ``failed`` with the error (also when it failed
+  before it started), one line goes to stderr, and the sweep goes on; at the end
+  :class:`SweepStatus` prints every cell that did not complete, and the process exits 1;
+- SIGTERM/SIGUSR1 (:mod:`flexexp.signals`): the cell records ``interrupted`` and the
+  process ends by the same signal, so a scheduler requeues it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from flexexp import console, rundir, signals, trainer
+from flexexp.config import cell_hash
+from flexexp.errors import FlexexpError
+from flexexp.tracking import RESULT_FILE, read_json
+
+__all__ = ["task", "SweepStatus", "note", "summary", "SWEEP_LOG_ENV"]
+
+SWEEP_LOG_ENV = "FLEXEXP_SWEEP_LOG"
+
+
+def task(cfg: DictConfig) -> float | None:
+    """The ``@hydra.main`` task: run the cell in Hydra's output directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    sweep, out = hc.mode == RunMode.MULTIRUN, Path(hc.runtime.output_dir)
+    job_num = OmegaConf.select(hc, "job.num", default=0) or 0  # missing in a single run
+    try:
+        record = trainer.run(cfg, out, job_num, rundir.hydra_files(cfg, hc), wait=sweep)
+    except signals.Interrupted as exc:
+        _say(f"{out}: {exc}; the checkpoint of the last finished epoch is kept: run the same "
+             "command to resume.")
+        note(out, "interrupted", str(exc))
+        signals.redeliver()  # the default action ends the process; a requeue handler runs
+        raise SystemExit(128 + exc.signum) from None
+    except FlexexpError as exc:
+        return _failed(cfg, out, exc, sweep)
+    except Exception as exc:  # a bug: a single run shows its traceback; a sweep goes on
+        if not sweep:
+            raise
+        return _failed(cfg, out, exc, sweep)
+    note(out, record.get("status", "?"), record.get("test_acc"))
+    signals.redeliver()  # a signal that came after the last step: the run completed first
+    return record.get("test_acc")
+
+
+def _say(message: str) -> None:
+    """One paragraph on stderr, and the same in train.log (not twice on the console)."""
+    console.to_log_file(message)
+    print(f"error: {message}", file=sys.stderr)
+
+
+def _failed(cfg: DictConfig, out: Path, exc: Exception, sweep: bool) -> None:
+    """Report a cell that failed; call it from the ``except`` block (error.txt: its traceback)."""
+    message = str(exc) if isinstance(exc, FlexexpError) else f"{type(exc).__name__}: {exc}"
+    if not sweep:
+        rundir.remove_unclaimed(out, Path(cfg.paths.runs))
+        console.to_log_file(message)
+        print(f"\nerror: {message}", file=sys.stderr)
+        sys.exit(2)
+    if _status(out) not in ("completed", "failed"):  # refused before it started
+        record = rundir.new_record(cfg, out, cell_hash(cfg))
+        rundir.write_failure(out, record, exc, time.time())
+    _say(f"{out}: {message}")
+    note(out, "failed", message)
+    return None
+
+
+def _status(run_dir: Path) -> str | None:
+    try:
+        rec = read_json(run_dir / RESULT_FILE)
+    except (OSError, ValueError):
+        return None
+    return rec.get("status") if isinstance(rec, dict) else None
+
+
+# ---------------------------------------------------------------------------- sweeps
+
+
+class SweepStatus(Callback):
+    """Hydra callback (conf/config.yaml): a sweep's cells note how they ended in
+    ``<sweep dir>/.sweeps/<start>-<pid>.jsonl``; ``flexexp.train`` prints :func:`summary`."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        folder = Path(config.hydra.sweep.dir) / ".sweeps"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
+        path.touch()
+        os.environ[SWEEP_LOG_ENV] = str(path)  # launcher workers start later: they inherit it
+
+
+def note(run_dir: Path, status: str, detail: Any) -> None:
+    """Append one cell's end to the sweep's log (a no-op outside a sweep)."""
+    path = os.environ.get(SWEEP_LOG_ENV)
+    if not path:
+        return
+    line = json.dumps({"run_dir": str(run_dir), "status": status, "detail": detail}) + "\n"
+    with open(path, "a", encoding="utf-8") as f:  # one short append: whole lines
+        f.write(line)
+
+
+def summary(path: str | Path) -> tuple[str, int]:
+    """``(text, cells not completed)`` of a sweep's log."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    bad = [r for r in rows if r.get("status") != "completed"]
+    text = f"sweep: {len(rows)} cells, {len(rows) - len(bad)} completed, {len(bad)} not"
+    for r in bad:
+        first = str(r.get("detail") or "").splitlines()[0][:300] if r.get("detail") else ""
+        text += f"\n  {r['status']}: {r['run_dir']}: {first}"
+    return text, len(bad)
