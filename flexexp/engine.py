@@ -39,8 +39,8 @@ __all__ = ["onecycle_lr", "constant_lr", "SCHEDULES", "learning_rate", "resolve_
            "resolve_precision", "COMPILE_MODES", "resolve_compile", "Speed", "resolve_speed",
            "autocast_for", "configure_process", "prepare_device", "Dist", "init_distributed",
            "make_train_loader", "make_test_loader", "head_names",
-           "evaluate", "DIVERGED_FACTOR", "FINAL_FACTOR", "diverged", "Counters", "StepResult", "TrainStep",
-           "head_weights", "forward_module"]
+           "evaluate", "DIVERGED_FACTOR", "FINAL_FACTOR", "diverged", "Counters", "StepResult",
+           "TrainStep", "head_weights", "forward_module"]
 
 
 # ---------------------------------------------------------------------------- schedule

@@ -99,7 +99,8 @@ def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     # an absurd learning rate from epoch 2 on: the loss overflows
     monkeypatch.setattr(engine, "learning_rate",
                         lambda c, step, total: 1e30 if step >= steps else real_lr(c, step, total))
-    with pytest.raises(FlexexpError, match="diverged in epoch 2: the training loss became NaN or infinite at step"):
+    with pytest.raises(FlexexpError, match="diverged in epoch 2: the training loss became NaN "
+                                           "or infinite at step"):
         trainer.run(cfg, tmp_path / "run")
     rec = read_json(tmp_path / "run" / "result.json")
     assert rec["status"] == "failed" and "DivergenceError" in rec["error"]
