@@ -71,7 +71,6 @@ RANGES: dict[str, Range] = {
     "optim.lr": Range(0.0, lo_open=True, why="the peak learning rate", eg="0.1"),
     "optim.weight_decay": Range(0.0),
     "optim.betas[]": Range(0.0, 1.0, eg="[0.9,0.999]"),
-    "optim.eps": Range(0.0, lo_open=True),
     "optim.momentum": Range(0.0, 1.0),
     "sched.pct_start": Range(0.0, 1.0, lo_open=True, why="the warm-up's share of the steps",
                              eg="0.3"),
