@@ -177,21 +177,23 @@ def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def completed_record(run_dir: Path) -> dict[str, Any] | None:
-    """The record of a run that already completed in ``run_dir``; None for any other (an
-    unreadable record is overwritten by the run). A ``result.json`` that is not a file
-    is refused: nothing of the user's is replaced."""
+    """The record of a run that already completed in ``run_dir``; None for any other.
+
+    A ``result.json`` that is not a readable JSON object (a folder, a list, broken JSON;
+    flexexp writes records atomically, so it never leaves one) is refused rather than
+    replaced: nothing already written is lost.
+    """
     result_path = run_dir / RESULT_FILE
-    if result_path.is_dir() or (result_path.exists() and not result_path.is_file()):
-        raise ConfigError(f"{result_path} is not a file (a folder?): move it away, or delete "
-                          "the run directory to start fresh.")
-    if not result_path.exists():
+    if not result_path.exists() and not result_path.is_symlink():
         return None
     try:
         previous = read_json(result_path)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(previous, dict):
-        return None
+        if not isinstance(previous, dict):
+            raise ValueError(f"a JSON {type(previous).__name__}, not an object")
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"{result_path} is not a run record ({why}): move it away, or "
+                          "delete the run directory to start this cell fresh.") from None
     return previous if previous.get("status") == "completed" else None
 
 
@@ -288,6 +290,7 @@ def write_failure(run_dir: Path, record: dict[str, Any], exc: BaseException,
     record["wall_time_s"] = time.time() - started
     atomic_write_text(run_dir / "error.txt", traceback.format_exc())
     write_json(run_dir / RESULT_FILE, record)
+    exc.flexexp_recorded = True  # the task does not write a second record for it
 
 
 def write_result(run_dir: Path, record: dict[str, Any]) -> None:

@@ -14,6 +14,7 @@ when a cell goes wrong (README "Failure policy"):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -50,7 +51,7 @@ def task(cfg: DictConfig) -> float | None:
         note(out, "interrupted", str(exc))
         signals.redeliver()  # the default action ends the process; a requeue handler runs
         raise SystemExit(128 + exc.signum) from None
-    except FlexexpError as exc:
+    except (FlexexpError, OSError) as exc:  # OSError: a full disk, a folder not writable
         return _failed(cfg, out, exc, sweep)
     except Exception as exc:  # a bug: a single run shows its traceback; a sweep goes on
         if not sweep:
@@ -70,14 +71,24 @@ def _say(message: str) -> None:
 def _failed(cfg: DictConfig, out: Path, exc: Exception, sweep: bool) -> None:
     """Report a cell that failed; call it from the ``except`` block (error.txt: its traceback)."""
     message = str(exc) if isinstance(exc, FlexexpError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError):
+        message += (" Free space or fix the permissions (or choose another paths.runs), then "
+                    "run the same command: the last checkpoint is kept.")
     if not sweep:
         rundir.remove_unclaimed(out, Path(cfg.paths.runs))
         console.to_log_file(message)
         print(f"\nerror: {message}", file=sys.stderr)
         sys.exit(2)
-    if _status(out) not in ("completed", "failed"):  # refused before it started
-        record = rundir.new_record(cfg, out, cell_hash(cfg))
-        rundir.write_failure(out, record, exc, time.time())
+    path = out / RESULT_FILE
+    # refused before it started: record it, over nothing but a record of ours that did not
+    # complete (a stray result.json of another kind stays as it is)
+    if not getattr(exc, "flexexp_recorded", False) and (
+            not (path.exists() or path.is_symlink())
+            or _status(out) in ("failed", "interrupted", "running")):
+        with contextlib.suppress(OSError):  # a full disk: the summary still names it
+            out.mkdir(parents=True, exist_ok=True)
+            rundir.write_failure(out, rundir.new_record(cfg, out, cell_hash(cfg)), exc,
+                                 time.time())
     _say(f"{out}: {message}")
     note(out, "failed", message)
     return None

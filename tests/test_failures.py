@@ -243,6 +243,60 @@ def test_a_scheduler_signal_records_interrupted_and_the_rerun_resumes_exactly(tm
         [h["train_loss"] for h in want["history"]]
 
 
+# ==================================================================== 6. run files
+# (the report's and the data's files: tests/test_failures_report.py)
+
+
+@pytest.mark.parametrize("kind", ["a JSON list", "a folder", "broken JSON"])
+def test_a_result_json_of_another_kind_is_refused_and_kept(tmp_path, kind):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = run_dir / "result.json"
+    if kind == "a folder":
+        path.mkdir()
+    else:
+        path.write_text("[1, 2]" if kind == "a JSON list" else '{"status": "compl')
+    with pytest.raises(ConfigError, match="result.json is not a run record .*move it away"):
+        trainer.run(make_cfg(TINY), run_dir)
+    assert path.is_dir() if kind == "a folder" else path.read_text() in ("[1, 2]",
+                                                                        '{"status": "compl')
+
+
+FULL_DISK_AT_EPOCH_2 = """
+import errno
+import flexexp.tracking as tracking
+_real, _n = tracking.atomic_write_bytes, {"n": 0}
+def _full(path, data):
+    if str(path).endswith("last.pt"):
+        _n["n"] += 1
+        if _n["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+    return _real(path, data)
+tracking.atomic_write_bytes = _full
+"""
+
+
+def test_a_full_disk_is_one_paragraph_and_keeps_the_last_checkpoint(tmp_path):
+    runs = tmp_path / "runs"
+    proc = start_train([*TINY, "trainer.epochs=3", f"paths.runs={runs}"], tmp_path,
+                       FULL_DISK_AT_EPOCH_2)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2, err[-2000:]
+    assert "No space left on device" in err and "Free space" in err and "Traceback" not in err
+    run_dir = only_run_dir(runs)
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == 1
+    rec = read_json(run_dir / "result.json")
+    assert rec["status"] == "failed" and "No space left on device" in rec["error"]
+
+
+def test_a_runs_root_that_cannot_be_written_is_one_paragraph(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = run_cli([*TINY, f"paths.runs={blocker}"], cwd=tmp_path)
+    assert proc.returncode == 2 and "paths.runs" in proc.stderr
+    assert "Traceback" not in proc.stderr and blocker.read_text() == "not a folder"
+
+
 # ==================================================================== 7. sweeps
 
 
