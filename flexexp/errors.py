@@ -15,3 +15,8 @@ class DataError(FlexexpError, RuntimeError):
 
 class DivergenceError(FlexexpError, FloatingPointError):
     """The training loss became NaN or infinite."""
+
+
+class ReportError(FlexexpError, OSError):
+    """The report cannot be written (out_dir is a file, not writable, or its disk is full);
+    the message names the folder, the cause and the fix."""

@@ -12,22 +12,43 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "write_json", "read_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "write_json", "read_json", "diff_keys",
+           "FILE_MODE"]
+
+
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return mask
+
+
+#: The mode a new file gets from the user's umask (0644 under the usual 022): mkstemp
+#: creates 0600 and a rename keeps it, so every write sets this mode on its temp file.
+FILE_MODE = 0o666 & ~_read_umask()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half.
+
+    The file gets :data:`FILE_MODE`. A failed write (a full disk) removes its temporary
+    file, leaves the old ``path`` as it was, and raises an ``OSError`` of the same kind
+    (same errno) whose message names ``path``: "[Errno 28] No space left on device: PATH".
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), FILE_MODE)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 
@@ -53,3 +74,13 @@ def _finite(obj: Any) -> Any:
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted keys where two nested dicts differ, sorted (``["trainer.epochs"]``)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]

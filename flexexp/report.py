@@ -33,14 +33,20 @@ import hashlib
 import json
 import logging
 import math
+import os
+import shutil
 import sys
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from flexexp.cli import parse_options
+from flexexp.errors import ReportError
+from flexexp.files import atomic_write_text, diff_keys
 
 log = logging.getLogger("flexexp.report")
 
@@ -68,8 +74,9 @@ DEFAULT_PAPER_DIR = Path(__file__).resolve().parent / "paper"  # the published n
 # ---------------------------------------------------------------------------- reading
 
 
-def _config_key(rec: dict[str, Any]) -> str:
-    """Hash of the run's config without the seed: runs with equal keys may be averaged."""
+def _run_config(rec: dict[str, Any]) -> dict[str, Any]:
+    """The run's config without the seed, with the settings that ran: runs with equal
+    configs may be averaged."""
     from flexexp.config import cell_config  # omegaconf only: no torch, no Hydra runtime
 
     cfg = cell_config(rec.get("config") or {})  # the run's identity, as its run dir uses
@@ -79,7 +86,16 @@ def _config_key(rec: dict[str, Any]) -> str:
         trainer.update({k: rec[k] for k in ("precision", "channels_last", "compile") if k in rec})
     if not cfg:  # no config in the record: fall back to what the record says
         cfg = {k: rec.get(k) for k in ("dataset", "pool", "sac", "epochs")}
-    return hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    return cfg
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha1(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _config_key(rec: dict[str, Any]) -> str:
+    """Hash of the run's config without the seed: runs with equal keys may be averaged."""
+    return _hash(_run_config(rec))
 
 
 def _downsample(rec: dict[str, Any]) -> str:
@@ -88,50 +104,111 @@ def _downsample(rec: dict[str, Any]) -> str:
     return str(model.get("downsample") or "stride")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _number(value: Any) -> float:
-    return float(value) if isinstance(value, int | float) else math.nan
+    return float(value) if _is_real(value) else math.nan
+
+
+def _problem(rec: Any) -> str | None:
+    """What makes a record unusable (the key, its value and what it should be), or None."""
+    if not isinstance(rec, dict):
+        return f"not a JSON object but a JSON {type(rec).__name__}"
+    missing = [k for k in REQUIRED if k not in rec]
+    if missing:
+        return f"missing keys {missing}"
+    for key in ("dataset", "pool", "status"):
+        if not isinstance(rec[key], str) or not rec[key]:
+            return f"{key} is {rec[key]!r}, not a name (a non-empty string)"
+    if not isinstance(rec["sac"], bool):
+        return f"sac is {rec['sac']!r}, not true or false"
+    if not _is_int(rec["seed"]):
+        return f"seed is {rec['seed']!r}, not an integer"
+    epochs = rec.get("epochs")
+    if epochs is not None and not (_is_int(epochs) and epochs > 0):
+        return f"epochs is {epochs!r}, not a positive integer"
+    if not isinstance(rec.get("config", {}), dict | None):
+        return f"config is {rec['config']!r}, not a JSON object"
+    acc = rec.get("test_acc")
+    if acc is None:
+        return "status is completed but test_acc is missing" if rec["status"] == "completed" \
+            else None
+    if not _is_real(acc) or not 0 <= acc <= 100:
+        return f"test_acc is {acc!r}, not an accuracy in [0, 100] (%)"
+    return None
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    """The record in ``path``; ValueError naming what is wrong with it."""
+    if path.is_dir():
+        raise ValueError("a folder named result.json, not a record")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except PermissionError as exc:
+        raise ValueError(f"not readable by this user ({exc.strerror}); fix its permissions "
+                         "(chmod a+r) to include it") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text ({exc.reason} at byte {exc.start}), so not a "
+                         "record flexexp wrote") from None
+    except OSError as exc:
+        raise ValueError(f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        rec = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"not valid JSON ({exc})") from None
+    problem = _problem(rec)
+    if problem is None:
+        try:
+            rec["_config"] = _run_config(rec)
+        except (ValueError, TypeError, AttributeError) as exc:
+            problem = f"its config cannot be read ({exc})"
+    if problem is not None:
+        raise ValueError(problem)
+    return rec
+
+
+RUN_COLUMNS = ["dataset", "variant", "sac", "seed", "status", "test_acc", "epochs",
+               "downsample", "num_params", "images_per_s", "batch_size", "config_key",
+               "compare_key", "compare_config", "error", "run_dir", "finished"]
+
+
+def _row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
+    cfg = rec.pop("_config")
+    compare = {k: v for k, v in cfg.items() if k != "pool"}  # all but the variant and seed
+    model = compare.get("model")
+    if isinstance(model, dict):  # a record without model.downsample predates it: stride
+        compare["model"] = {**model, "downsample": model.get("downsample") or "stride"}
+    return {
+        "dataset": rec["dataset"], "variant": rec["pool"], "sac": rec["sac"],
+        "seed": rec["seed"], "status": rec["status"], "test_acc": _number(rec.get("test_acc")),
+        "epochs": rec.get("epochs"), "downsample": _downsample(rec),
+        "num_params": _number(rec.get("num_params")),
+        "images_per_s": _number(rec.get("images_per_s")),
+        "batch_size": _number(((rec.get("config") or {}).get("trainer") or {})
+                              .get("batch_size")),
+        "config_key": _hash(cfg), "compare_key": _hash(compare),
+        "compare_config": json.dumps(compare, sort_keys=True),
+        "error": str(rec.get("error") or ""), "run_dir": str(path.parent),
+        "finished": path.stat().st_mtime,
+    }
 
 
 def load_runs(runs_dir: str | Path) -> pd.DataFrame:
-    """One row per readable ``result.json`` under ``runs_dir``; bad files are skipped with a
-    warning naming each one."""
+    """One row per usable ``result.json`` under ``runs_dir``; files that cannot be read and
+    records with a value outside its meaning are skipped with a warning naming each one."""
     rows = []
     for path in sorted(Path(runs_dir).rglob("result.json")):
         try:
-            rec = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(rec, dict):
-                raise ValueError("not a JSON object")
-            missing = [k for k in REQUIRED if k not in rec]
-            if missing:
-                raise ValueError(f"missing keys {missing}")
-            acc = rec.get("test_acc")
-            if rec["status"] == "completed" and not isinstance(acc, int | float):
-                raise ValueError("completed but test_acc is not a number")
+            rows.append(_row(path, _read_record(path)))
         except (OSError, ValueError) as exc:
             warnings.warn(f"skipping {path}: {exc}", stacklevel=2)
-            continue
-        rows.append({
-            "dataset": str(rec["dataset"]),
-            "variant": str(rec["pool"]),
-            "sac": bool(rec["sac"]),
-            "seed": int(rec["seed"]),
-            "status": rec["status"],
-            "test_acc": float(rec["test_acc"]) if rec.get("test_acc") is not None else math.nan,
-            "epochs": rec.get("epochs"),
-            "downsample": _downsample(rec),
-            "num_params": _number(rec.get("num_params")),
-            "images_per_s": _number(rec.get("images_per_s")),
-            "batch_size": _number(((rec.get("config") or {}).get("trainer") or {})
-                                  .get("batch_size")),
-            "config_key": _config_key(rec),
-            "error": rec.get("error", ""),
-            "run_dir": str(path.parent),
-            "finished": path.stat().st_mtime,
-        })
-    cols = ["dataset", "variant", "sac", "seed", "status", "test_acc", "epochs", "downsample",
-            "num_params", "images_per_s", "batch_size", "config_key", "error", "run_dir",
-            "finished"]
-    return pd.DataFrame(rows, columns=cols)
+    return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 
 def load_paper(paper_dir: str | Path, table: int) -> pd.DataFrame:
@@ -164,6 +241,35 @@ def select_comparable(completed: pd.DataFrame,
     return pd.concat(keep)
 
 
+def differences(done: pd.DataFrame, reference: str | None = None
+                ) -> dict[tuple[str, str], list[str]]:
+    """Per (dataset, variant) of ``done`` (one config per cell, see
+    :func:`select_comparable`): the dotted config keys, other than the pool section and the
+    seed, in which its runs differ from ``reference``'s on the same dataset (default: AvgPool,
+    else the first variant); an empty list where they are comparable."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for ds, group in done.groupby("dataset", sort=False):
+        configs = group.groupby("variant", sort=False)["compare_config"].first()
+        ref = reference or _order(list(configs.index), VARIANTS)[0]
+        if ref not in configs.index:
+            continue
+        base = json.loads(configs[ref])
+        for var, text in configs.items():
+            out[(ds, var)] = diff_keys(json.loads(text), base)
+    return out
+
+
+def _warn_incomparable(done: pd.DataFrame, sac: bool) -> None:
+    for (ds, var), keys in differences(done).items():
+        if keys:
+            ref = _order(done[done.dataset == ds].variant.unique().tolist(), VARIANTS)[0]
+            warnings.warn(
+                f"{ds}/{var}/sac={sac}: its runs differ from {ref}'s in {', '.join(keys)}, not "
+                f"only in the pool and the seed: the table shows them side by side but they "
+                f"are not comparable and are not paired (run both with the same settings)",
+                stacklevel=3)
+
+
 # ---------------------------------------------------------------------------- tables
 
 
@@ -174,6 +280,7 @@ def _order(values: list[str], first: list[str]) -> list[str]:
 def build_table(runs: pd.DataFrame, paper: pd.DataFrame, sac: bool) -> pd.DataFrame:
     """Tidy table for SAC off (Table 1) or on (Table 2); rows for every paper cell too."""
     done = select_comparable(runs[(runs.status == "completed") & (runs.sac == sac)])
+    _warn_incomparable(done, sac)
     stats = (done.groupby(["dataset", "variant"])["test_acc"]
              .agg(n="size", mean="mean", std="std", min="min", max="max").reset_index())
     cells = pd.concat([stats[["dataset", "variant"]], paper[["dataset", "variant"]]])
@@ -190,35 +297,53 @@ def build_table(runs: pd.DataFrame, paper: pd.DataFrame, sac: bool) -> pd.DataFr
     return table[TABLE_COLUMNS]
 
 
-def significance(runs: pd.DataFrame, sac: bool) -> pd.DataFrame:
-    """Each variant against AvgPool on the same dataset and seeds: paired differences."""
+SIG_COLUMNS = ["dataset", "variant", "n_pairs", "mean_diff", "ci95_low", "ci95_high", "p_value",
+               "significant", "note"]
+
+
+def _paired(ds: str, var: str, base: pd.Series, other: pd.Series) -> dict[str, Any]:
+    """The paired differences of ``other`` over ``base`` on their common seeds."""
     from scipy import stats
 
+    seeds = sorted(set(base.index) & set(other.index))
+    diff = (other.loc[seeds] - base.loc[seeds]).to_numpy()
+    n = len(diff)
+    row = {"dataset": ds, "variant": var, "n_pairs": n,
+           "mean_diff": diff.mean() if n else math.nan,
+           "ci95_low": math.nan, "ci95_high": math.nan, "p_value": math.nan, "note": ""}
+    if n >= 2:
+        sd = diff.std(ddof=1)
+        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        row["ci95_low"], row["ci95_high"] = diff.mean() - half, diff.mean() + half
+        if sd > 1e-4:  # equal differences (in %): no t statistic, p stays blank
+            row["p_value"] = float(stats.ttest_rel(other.loc[seeds], base.loc[seeds]).pvalue)
+    return row
+
+
+def significance(runs: pd.DataFrame, sac: bool) -> pd.DataFrame:
+    """Each variant against AvgPool on the same dataset and seeds: paired differences.
+
+    A variant whose runs differ from AvgPool's in more than the pool and the seed is not
+    paired: its row has no numbers and a ``note`` naming the keys that differ."""
     done = select_comparable(runs[(runs.status == "completed") & (runs.sac == sac)])
+    apart = differences(done, "avg")
     rows = []
     for ds, group in done.groupby("dataset", sort=False):
         base = group[group.variant == "avg"].set_index("seed")["test_acc"]
         for var in _order(group.variant.unique().tolist(), VARIANTS):
             if var == "avg":
                 continue
-            other = group[group.variant == var].set_index("seed")["test_acc"]
-            seeds = sorted(set(base.index) & set(other.index))
-            diff = (other.loc[seeds] - base.loc[seeds]).to_numpy()
-            n = len(diff)
-            row = {"dataset": ds, "variant": var, "n_pairs": n,
-                   "mean_diff": diff.mean() if n else math.nan,
-                   "ci95_low": math.nan, "ci95_high": math.nan, "p_value": math.nan}
-            if n >= 2:
-                sd = diff.std(ddof=1)
-                half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-                row["ci95_low"], row["ci95_high"] = diff.mean() - half, diff.mean() + half
-                if sd > 1e-4:  # equal differences (in %): no t statistic, p stays blank
-                    row["p_value"] = float(stats.ttest_rel(other.loc[seeds], base.loc[seeds])
-                                           .pvalue)
-            rows.append(row)
-    cols = ["dataset", "variant", "n_pairs", "mean_diff", "ci95_low", "ci95_high", "p_value"]
-    table = pd.DataFrame(rows, columns=cols)
+            keys = apart.get((ds, var))
+            if keys:
+                rows.append({"dataset": ds, "variant": var, "n_pairs": 0, "mean_diff": math.nan,
+                             "ci95_low": math.nan, "ci95_high": math.nan, "p_value": math.nan,
+                             "note": f"not comparable: differs in {', '.join(keys)}"})
+                continue
+            rows.append(_paired(ds, var, base, group[group.variant == var]
+                                .set_index("seed")["test_acc"]))
+    table = pd.DataFrame(rows, columns=SIG_COLUMNS)
     table["significant"] = table.p_value < 0.05
+    table["note"] = table["note"].fillna("")
     return table
 
 
@@ -256,15 +381,15 @@ def to_markdown(table: pd.DataFrame, sig: pd.DataFrame, title: str) -> str:
         lines.append("| " + " | ".join(row) + " |")
     if not sig.empty:
         lines += ["", "### Against AvgPool (paired by seed)", "",
-                  "| dataset | variant | pairs | mean diff | 95% CI | p (paired t) |",
-                  "|---|---|---|---|---|---|"]
+                  "| dataset | variant | pairs | mean diff | 95% CI | p (paired t) | note |",
+                  "|---|---|---|---|---|---|---|"]
         for _, s in sig.iterrows():
             ci = (f"[{_fmt(s.ci95_low)}, {_fmt(s.ci95_high)}]"
                   if not math.isnan(s.ci95_low) else "")
             mark = " *" if s.significant else ""
             ds, var = LABELS.get(s.dataset, s.dataset), LABELS.get(s.variant, s.variant)
             lines.append(f"| {ds} | {var} | {int(s.n_pairs)} | {_fmt(s.mean_diff)} | {ci} | "
-                         f"{_fmt(s.p_value, 3)}{mark} |")
+                         f"{_fmt(s.p_value, 3)}{mark} | {s.note} |")
         lines += ["", "\\* p < 0.05. With 3 seeds only large, consistent gains are significant."]
     return "\n".join(lines) + "\n"
 
@@ -376,49 +501,93 @@ def plot(table: pd.DataFrame, title: str, path: Path) -> None:
         ax.set_ylim(max(0.0, min(values) - 10), min(100.0, max(values) + 5))
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        fig.savefig(path, dpi=120)  # into the report's temporary folder: see write_outputs
+    finally:
+        plt.close(fig)
 
 
 # ---------------------------------------------------------------------------- entry
 
 
-def _write(path: Path, text: str) -> None:
-    from flexexp.files import atomic_write_text
+#: What one output file holds: its text, or a function that writes it to a path.
+Output = str | Callable[[Path], None]
 
-    atomic_write_text(path, text)
+
+def _cannot_write(out: Path, exc: OSError) -> ReportError:
+    why = exc.strerror or str(exc)
+    if exc.errno == 28:  # ENOSPC
+        fix = "free space on that disk or choose out_dir=DIR on another"
+    elif isinstance(exc, PermissionError) or exc.errno == 30:  # EROFS
+        fix = "make the folder writable or choose out_dir=DIR elsewhere"
+    else:
+        fix = "fix the cause or choose another out_dir=DIR"
+    where = f" at {exc.filename}" if exc.filename else ""
+    return ReportError(f"cannot write the report into {out} ({why}{where}): {fix}; the "
+                       "previous tables there are unchanged.")
+
+
+def write_outputs(out: Path, files: dict[str, Output]) -> None:
+    """Write ``files`` into ``out`` as a set: each into a temporary folder inside ``out``
+    first, then, once all are written, each renamed into place. Any failure (a full disk)
+    removes the temporary folder and leaves the old files untouched; ReportError says so."""
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"out_dir={out} is a file, not a folder: choose another out_dir=DIR "
+                          "(or move the file away); nothing was written.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".report-tmp-{os.getpid()}-", dir=out))
+    except OSError as exc:
+        raise _cannot_write(out, exc) from None
+    try:
+        for name, content in files.items():
+            if isinstance(content, str):
+                atomic_write_text(tmp / name, content)
+            else:
+                content(tmp / name)
+        blocked = [name for name in files if (out / name).is_dir()]
+        if blocked:  # checked before the first rename: a rename cannot fail half-way then
+            raise IsADirectoryError(21, "a folder has the name of an output", str(out / blocked[0]))
+        for name in files:
+            os.replace(tmp / name, out / name)
+    except OSError as exc:
+        raise _cannot_write(out, exc) from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _csv(df: pd.DataFrame, **kwargs: Any) -> str:
+    return df.to_csv(index=False, **kwargs)
 
 
 def report(runs_dir: str | Path, out_dir: str | Path,
            paper_dir: str | Path = DEFAULT_PAPER_DIR) -> dict[str, pd.DataFrame]:
-    """Write every table and figure; return the tidy tables by name."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    """Write every table and figure (all or none: :func:`write_outputs`); return the tidy
+    tables by name."""
     runs = load_runs(runs_dir)
     tables: dict[str, pd.DataFrame] = {}
+    files: dict[str, Output] = {}
     # the paper's tables compare pools on ResNet20's own (strided) downsampling only
     paper_runs = runs[runs.downsample == "stride"]
     for num, sac, title in ((1, False, "Table 1: single classifier"),
                             (2, True, "Table 2: with SAC")):
         table = build_table(paper_runs, load_paper(paper_dir, num), sac)
         sig = significance(paper_runs, sac)
-        _write(out / f"table{num}.csv", table.to_csv(index=False, float_format="%.4f"))
-        _write(out / f"significance{num}.csv", sig.to_csv(index=False, float_format="%.4f"))
-        _write(out / f"table{num}.md", to_markdown(table, sig, title))
-        plot(table, title, out / f"figure{num}.png")
+        files[f"table{num}.csv"] = _csv(table, float_format="%.4f")
+        files[f"significance{num}.csv"] = _csv(sig, float_format="%.4f")
+        files[f"table{num}.md"] = to_markdown(table, sig, title)
+        files[f"figure{num}.png"] = lambda path, t=table, h=title: plot(t, h, path)
         tables[f"table{num}"], tables[f"significance{num}"] = table, sig
     if related_runs(runs).any():
         pools = build_pools_table(runs)
-        _write(out / "table3.csv", pools.to_csv(index=False, float_format="%.4f"))
-        _write(out / "table3.md", pools_markdown(pools))
+        files["table3.csv"] = _csv(pools, float_format="%.4f")
+        files["table3.md"] = pools_markdown(pools)
         tables["table3"] = pools
-    _write(out / "runs.csv", runs.drop(columns=["finished"]).to_csv(index=False))
+    files["runs.csv"] = _csv(runs.drop(columns=["finished", "compare_config"]))
     failed = runs[runs.status != "completed"]
-    _write(out / "failed.csv", failed[["dataset", "variant", "sac", "seed", "status", "error",
-                                       "run_dir"]].to_csv(index=False))
+    files["failed.csv"] = _csv(failed[["dataset", "variant", "sac", "seed", "status", "error",
+                                       "run_dir"]])
+    write_outputs(Path(out_dir), files)
     tables["runs"], tables["failed"] = runs, failed
     return tables
 
@@ -439,13 +608,22 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(opts, int):
         return opts
     runs_dir = Path(opts["paths.runs"])
+    if runs_dir.exists() and not runs_dir.is_dir():
+        print(f"error: paths.runs={runs_dir} is a file, not a folder: point paths.runs=DIR at "
+              "the folder that holds the runs (the trainer's paths.runs, default runs/).",
+              file=sys.stderr)
+        return 2
     if not runs_dir.is_dir():
         print(f"error: no runs directory {runs_dir}: train first (python -m flexexp.train ...) "
               "or point paths.runs=DIR at the runs root.", file=sys.stderr)
         return 2
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        tables = report(runs_dir, opts["out_dir"], opts["paper_dir"])
+        try:
+            tables = report(runs_dir, opts["out_dir"], opts["paper_dir"])
+        except ReportError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     out = Path(opts["out_dir"])

@@ -9,7 +9,8 @@ before any subsampling. The key hashes the source files' names, sizes and mtimes
 image size and :data:`FORMAT_VERSION`, so changed data or a new format rebuilds it.
 
 Files are written through :func:`flexexp.tracking.atomic_write_bytes` (temporary file,
-then rename): a reader sees a whole cache or none, and runs that build the same cache at
+then rename; the file gets the mode the user's umask gives, so others may share the
+data): a reader sees a whole cache or none, and runs that build the same cache at
 once cannot corrupt it. A lock file makes such runs wait for one builder instead of all
 decoding the same data.
 """
@@ -17,7 +18,6 @@ decoding the same data.
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import logging
@@ -99,21 +99,12 @@ def write(path: Path, arrays: ImageArrays, verified: bool) -> bool:
     except OSError as exc:  # a read-only data folder still trains, only without a cache
         log.warning("could not write the cache %s (%s); decoding again next run", path, exc)
         return False
-    with contextlib.suppress(OSError):  # mkstemp made it private; others may share the data
-        os.chmod(path, 0o666 & ~_umask())
     prefix = path.name.rsplit("-", 1)[0] + "-"
     for old in path.parent.glob(f"{prefix}*.pt"):
         if old != path:
             with contextlib.suppress(OSError):
                 old.unlink()
     return True
-
-
-@functools.cache
-def _umask() -> int:
-    mask = os.umask(0o022)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
-    return mask
 
 
 @contextlib.contextmanager

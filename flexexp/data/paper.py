@@ -36,7 +36,9 @@ import pickle
 import shlex
 import shutil
 import tarfile
+import urllib.error
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +159,40 @@ def _corrupt(name: str, root: Path, path: Path | str, why: str) -> DataError:
     )
 
 
+def _is_system_error(exc: BaseException) -> bool:
+    """An ``OSError`` from the system (permission denied, a folder, an I/O error), not from
+    a file format: gzip's ``BadGzipFile``, PIL's ``UnidentifiedImageError`` and "image file
+    is truncated" carry no errno, so a damaged file is never mistaken for this."""
+    return isinstance(exc, OSError) and exc.errno is not None
+
+
+def _unreadable(name: str, root: Path, path: Path | str, exc: OSError) -> DataError:
+    """``path`` (or the file ``exc`` names) cannot be accessed: say why, never "corrupt",
+    since the data may be whole and deleting it would be the wrong fix."""
+    where = exc.filename or path
+    why = exc.strerror or type(exc).__name__
+    if isinstance(exc, PermissionError):
+        fix = (f"this user may not read or write it ({why}). The data itself may be fine: do "
+               f"not delete it. Fix its permissions (e.g. `chmod -R u+rwX "
+               f"{shlex.quote(str(root / PAPER[name].folder))}`, or ask its owner) or point "
+               f"dataset.root (or FLEXEXP_DATA) at a copy this user can read.")
+    elif isinstance(exc, IsADirectoryError):
+        fix = (f"it is a folder where a file is expected ({why}). Move the folder away and "
+               f"place the file there: {root}/{PAPER[name].layout}.")
+    else:
+        fix = (f"the system could not read it ({why}; errno {exc.errno}). Check the disk or "
+               f"the mount that holds {root}, then run again.")
+    return DataError(f"{name}: cannot access {where}: {fix}")
+
+
+def _read_failed(name: str, root: Path, path: Path | str, exc: BaseException, what: str
+                 ) -> DataError:
+    """:func:`_unreadable` for a system error, :func:`_corrupt` for damaged bytes."""
+    if _is_system_error(exc):
+        return _unreadable(name, root, path, exc)  # type: ignore[arg-type]
+    return _corrupt(name, root, path, f"{what}: {exc}")
+
+
 def md5_of(path: Path | str, unpack: bool = False) -> str:
     """MD5 of a file's bytes, or of its gunzipped content with ``unpack``."""
     digest = hashlib.md5()
@@ -241,6 +277,9 @@ def _fetch(
                            f"{exc}") from None
         except (OSError, RuntimeError) as exc:  # URLError is an OSError
             _remove_new(created, existed)
+            if _is_system_error(exc) and exc.filename and \
+                    not isinstance(exc, urllib.error.URLError):  # a local file, not the network
+                raise _unreadable(name, root, exc.filename, exc) from None
             raise _no_download(name, root, exc) from None
         except BaseException:  # Ctrl-C mid-download: no partial archive may look complete
             _remove_new(created, existed)
@@ -326,13 +365,19 @@ def _diagnose_cifar(name: str, root: Path, spec: DatasetConfig, exc: Exception) 
     for path in _cifar_sources(name, root):
         if not path.is_file():
             return _missing(name, root, path)
+        try:
+            with open(path, "rb") as f:
+                f.read(1)
+        except OSError as err:
+            return _read_failed(name, root, path, err, "cannot be opened")
         if spec.verify_checksums and not check_integrity(str(path), md5s[path.name]):
             return _not_official(name, root, path, md5_of(path), md5s[path.name], False)
         try:
             with open(path, "rb") as f:
                 entry = pickle.load(f, encoding="latin1")
         except Exception as err:
-            return _corrupt(name, root, path, f"cannot be unpickled: {type(err).__name__}: {err}")
+            return _read_failed(name, root, path, err,
+                                f"cannot be unpickled: {type(err).__name__}")
         if path.name == cls.meta["filename"]:
             if cls.meta["key"] not in entry:
                 return _corrupt(name, root, path, f"no {cls.meta['key']!r} entry")
@@ -395,20 +440,23 @@ def _verify_fmnist_gz(name: str, root: Path, gz: Path) -> None:
     """Accept ``gz`` if it is an upstream archive (torchvision's MD5) or if its unpacked
     content is the published dataset's (any recompression, Debian's included)."""
     upstream = dict(_fmnist_class(verify=True).resources)
-    if md5_of(gz) == upstream.get(gz.name):
-        return
     want = FMNIST_CONTENT_MD5[gz.name.removesuffix(".gz")]
     try:
+        if md5_of(gz) == upstream.get(gz.name):
+            return
         got = md5_of(gz, unpack=True)
-    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-        raise _corrupt(name, root, gz, f"cannot be unpacked: {exc}") from None
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        raise _read_failed(name, root, gz, exc, "cannot be unpacked") from None
     if got != want:
         raise _not_official(name, root, gz, got, want, unpacked=True)
 
 
 def _verify_fmnist_raw(name: str, root: Path, raw: Path) -> None:
     want = FMNIST_CONTENT_MD5[raw.name]
-    got = md5_of(raw)
+    try:
+        got = md5_of(raw)
+    except OSError as exc:
+        raise _read_failed(name, root, raw, exc, "cannot be read") from None
     if got != want:
         raise _not_official(name, root, raw, got, want, unpacked=False)
 
@@ -456,8 +504,8 @@ def _fetch_fmnist(name: str, root: Path, spec: DatasetConfig) -> None:
             with gzip.open(gz, "rb") as src, open(tmp, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
             os.replace(tmp, raw)
-        except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
-            raise _corrupt(name, root, gz, f"cannot be unpacked: {exc}") from None
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            raise _read_failed(name, root, gz, exc, "cannot be unpacked") from None
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -468,9 +516,9 @@ def _read_idx(name: str, root: Path, path: Path, images: bool) -> Tensor:
 
     try:
         return read_image_file(str(path)) if images else read_label_file(str(path))
-    except Exception as exc:  # the parser asserts and reshapes: any error means bad bytes
-        raise _corrupt(name, root, path, f"not a valid IDX file: {type(exc).__name__}: "
-                       f"{exc}") from None
+    except Exception as exc:  # the parser asserts and reshapes: other errors mean bad bytes
+        raise _read_failed(name, root, path, exc,
+                           f"not a valid IDX file: {type(exc).__name__}") from None
 
 
 def _decode_fmnist(name: str, root: Path, spec: DatasetConfig) -> ImageArrays:
@@ -525,6 +573,15 @@ class _TinyIndex:
 
 def _tiny_index(name: str, root: Path) -> _TinyIndex:
     """Read wnids.txt, the train folders and val_annotations.txt; check the layout."""
+    try:
+        return _read_tiny_index(name, root)
+    except OSError as exc:  # permission denied on a listing or a folder: not a bad layout
+        if not _is_system_error(exc):
+            raise
+        raise _unreadable(name, root, exc.filename or root / TINY_FOLDER, exc) from None
+
+
+def _read_tiny_index(name: str, root: Path) -> _TinyIndex:
     folder = root / TINY_FOLDER
     wnids_file = folder / "wnids.txt"
     ann_file = folder / "val" / "val_annotations.txt"
@@ -570,7 +627,7 @@ def _read_jpeg(name: str, root: Path, path: str) -> Tensor:
         with Image.open(path) as img:  # PIL: torchvision.io's decoders are deprecated
             pixels = np.array(img.convert("RGB"))  # (H, W, 3)
     except (OSError, ValueError, SyntaxError) as exc:  # truncated, not an image, bad header
-        raise _corrupt(name, root, path, f"unreadable image: {exc}") from None
+        raise _read_failed(name, root, path, exc, "unreadable image") from None
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
