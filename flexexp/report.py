@@ -578,6 +578,13 @@ def report(runs_dir: str | Path, out_dir: str | Path,
         files[f"table{num}.md"] = to_markdown(table, sig, title)
         files[f"figure{num}.png"] = lambda path, t=table, h=title: plot(t, h, path)
         tables[f"table{num}"], tables[f"significance{num}"] = table, sig
+    from flexexp.claims import build_claims, claims_markdown
+
+    done = select_comparable(paper_runs[paper_runs.status == "completed"])
+    claims = build_claims(done, {False: load_paper(paper_dir, 1), True: load_paper(paper_dir, 2)})
+    files["claims.csv"] = _csv(claims, float_format="%.4f")
+    files["claims.md"] = claims_markdown(claims)
+    tables["claims"] = claims
     if related_runs(runs).any():
         pools = build_pools_table(runs)
         files["table3.csv"] = _csv(pools, float_format="%.4f")
@@ -636,9 +643,10 @@ def main(argv: list[str] | None = None) -> int:
         print("Runs that did not complete (not averaged):")
         for _, r in failed.iterrows():
             print(f"  {r.run_dir}: {r.status} {r.error}")
+    print((out / "claims.md").read_text())
     table3 = ", table3.{csv,md}" if "table3" in tables else ""
     print(f"\nwrote {out}/table{{1,2}}.{{csv,md}}, significance{{1,2}}.csv, figure{{1,2}}.png"
-          f"{table3}, runs.csv, failed.csv")
+          f"{table3}, claims.{{csv,md}}, runs.csv, failed.csv")
     return 0
 
 
