@@ -237,16 +237,25 @@ def _validate_model(cfg: DictConfig) -> None:
             "2x2 stride-2 pool after a stride-1 conv), or the import path of a local pool "
             "class (module.Class), e.g. model.downsample=max."
         )
-    # stage 2's first block pools a map of stage 2's width at stage 1's size, halved
-    (_, size, _), (c, half, _) = stage_shapes(cfg.dataset.image_size, cfg.model.width)[:2]
+    # the first block of stage i + 1 pools a map of its width at stage i's size, halved
+    shapes = stage_shapes(cfg.dataset.image_size, cfg.model.width)
+    layers = len(shapes) - 1  # downsampling layers: a list argument gives one entry each
     # every entry, not only the one in use: a typo fails now, not in a later sweep
     for name in {down, *cfg.model.local_pool_args} - {"stride"}:
-        args = dict(cfg.model.local_pool_args.get(name) or {})
+        given_args = cfg.model.local_pool_args.get(name)
+        args = OmegaConf.to_container(given_args, resolve=True) if given_args else {}
         key = f"model.downsample={name!r}" if name == down else f"model.local_pool_args.{name}"
+        for k, v in args.items():
+            if isinstance(v, list) and len(v) != layers:
+                raise ConfigError(
+                    f"model.local_pool_args.{name}.{k}={v} has {len(v)} entries: a list gives "
+                    f"one per downsampling layer ({layers}: stages 2 and 3), e.g. "
+                    f"model.local_pool_args.{name}.{k}=[16,8]; a single value holds for all.")
         factory = _built(key, lambda n=name, a=args: make_local_pool(n, **a))
         given = ", ".join(f"model.local_pool_args.{name}.{k}={v!r}" for k, v in args.items())
-        _built(given or f"model.downsample={name!r}", lambda f=factory, c=c, s=size, o=half:
-               _check_shape(f(c), (c, s, s), (c, o, o)))
+        for (_, size, _), (c, half, _) in zip(shapes, shapes[1:], strict=False):
+            _built(given or f"model.downsample={name!r}", lambda f=factory, c=c, s=size, o=half:
+                   _check_shape(f(c), (c, s, s), (c, o, o)))
 
 
 def _validate_dataset(cfg: DictConfig) -> None:

@@ -34,9 +34,10 @@ from torch import Tensor, nn
 
 from flexexp.pooling import (
     LOCAL_POOLS,
-    build_local_pool,
     build_pool,
     check_arguments,
+    layer_kwargs,
+    local_pool_factory,
     resolve_layer,
 )
 
@@ -126,7 +127,9 @@ class BasicBlock(nn.Module):
     With ``stride=2`` and a ``local_pool`` factory, the block computes
     ``conv1 (stride 1) -> pool -> BN -> ReLU -> conv2 -> BN`` and adds
     ``pad_channels(pool(x))``, both pooled in one ``pool_pair`` call where the pool has
-    one (:class:`flexexp.pooling.LocalPool`), else in two calls.
+    one (:class:`flexexp.pooling.LocalPool`), else in two calls. A pool whose
+    ``pools_after_block`` is true (GFGP's default) instead halves the block's output:
+    the whole block at stride 1 (shortcut only padding channels), then the pool.
     Shapes: ``(B, C_in, H, W) -> (B, C_out, ceil(H/s), ceil(W/s))`` for either form.
     """
 
@@ -155,6 +158,9 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        if getattr(self.pool, "pools_after_block", False):  # the block at stride 1, then the pool
+            out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            return self.pool(F.relu(out + self.shortcut(x)))
         if self.pool is None:
             out, skip = self.conv1(x), self.shortcut(x)
         else:
@@ -290,9 +296,9 @@ def make_local_pool(downsample: str, **kwargs: Any) -> LocalPoolFactory | None:
     if downsample == "stride":
         return None
     # fail here on a bad name or argument (without building: no random draws)
-    check_arguments(resolve_layer(downsample, LOCAL_POOLS, "local pool"), (1,), kwargs,
-                    f"local pool {downsample!r}")
-    return lambda channels: build_local_pool(downsample, channels, **kwargs)
+    check_arguments(resolve_layer(downsample, LOCAL_POOLS, "local pool"), (1,),
+                    layer_kwargs(kwargs, 0), f"local pool {downsample!r}")
+    return local_pool_factory(downsample, **kwargs)  # a list argument: one per layer
 
 
 def resnet20(

@@ -55,6 +55,8 @@ __all__ = [
     "LOCAL_POOLS",
     "build_pool",
     "build_local_pool",
+    "local_pool_factory",
+    "layer_kwargs",
     "resolve_layer",
     "check_arguments",
     "flex_pool",
@@ -64,6 +66,9 @@ __all__ = [
     "s3pool_sample",
     "s3pool_train",
     "s3pool_eval",
+    "max2x2_stride1",
+    "GFGP_GUIDES",
+    "S3POOL_DRAWS",
 ]
 
 
@@ -172,38 +177,62 @@ def gfgp_pool(x: Tensor, lam: Tensor | float) -> Tensor:
     return (weights * x).sum(-1)
 
 
+GFGP_GUIDES = ("original", "simple")
+
+
 class GFGPGuide(nn.Module):
     """GFGP's global guidance: ``(B, C, H, W) -> lambda (B, C)`` in ``(0, 1)``.
 
-    ``lambda = sigmoid(V relu(U gap(x)))`` with ``U: (C/2, C)``, ``V: (C, C/2)`` (hidden
-    size ``max(1, C // 2)``, no biases, as in the formula): ``C * 2 * (C // 2)``
-    parameters. The paper's best setting: global average statistic, sigmoid output.
+    ``guide="original"`` (default; the authors' ``MaxEntPoolingCuda2d.ToParam``,
+    tk1980/GFGP ``models/modules/mylayers.py``): GAP -> 1x1 conv ``C -> C/2`` with bias
+    -> BatchNorm -> ReLU -> 1x1 conv ``C/2 -> C`` with bias -> BatchNorm -> sigmoid,
+    ``2 C h + 3 h + 3 C`` parameters for hidden size ``h = max(1, C // 2)`` (BatchNorm's
+    running statistics are buffers). Its BatchNorms see one value per sample and channel,
+    so training needs batches of at least 2 (as in the original).
+    ``guide="simple"`` (the paper's formula): ``sigmoid(V relu(U gap(x)))`` with
+    ``U: (h, C)``, ``V: (C, h)``, no biases, no BatchNorm: ``2 C h`` parameters.
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, guide: str = "original") -> None:
         super().__init__()
         if channels < 1:
             raise ValueError(f"GFGPGuide: channels must be positive, got {channels}")
+        if guide not in GFGP_GUIDES:
+            raise ValueError(f"GFGP: guide must be one of {', '.join(GFGP_GUIDES)}, got {guide!r}")
+        self.guide = guide
         hidden = max(1, channels // 2)
-        self.reduce = nn.Linear(channels, hidden, bias=False)  # U
-        self.expand = nn.Linear(hidden, channels, bias=False)  # V
+        if guide == "original":
+            self.reduce: nn.Module = nn.Conv2d(channels, hidden, 1, bias=True)
+            self.bn1 = nn.BatchNorm2d(hidden)
+            self.expand: nn.Module = nn.Conv2d(hidden, channels, 1, bias=True)
+            self.bn2 = nn.BatchNorm2d(channels)
+        else:
+            self.reduce = nn.Linear(channels, hidden, bias=False)  # U
+            self.expand = nn.Linear(hidden, channels, bias=False)  # V
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3))))))
+        if self.guide == "simple":
+            return torch.sigmoid(self.expand(F.relu(self.reduce(x.mean((2, 3))))))
+        s = F.adaptive_avg_pool2d(x, 1)  # (B, C, 1, 1)
+        z = self.bn2(self.expand(F.relu(self.bn1(self.reduce(s)))))
+        return torch.sigmoid(z).flatten(1)
+
+    def extra_repr(self) -> str:
+        return f"guide={self.guide!r}"
 
 
 class GlobalGFGP2d(nn.Module):
     """GFGP as a global pool (the window is the whole map): ``(B, C, H, W) -> (B, C)``.
 
     ``y[b, c] = sum_{i,j} x[b,c,i,j] * softmax_{(i,j)}(lambda[b, c] * x[b,c,i,j])`` with
-    ``lambda = guide(x)`` (:class:`GFGPGuide`). ``pool_with_lambda(x, lam)`` applies the
-    formula with an injected ``lambda`` (tests: ``lam=0`` is average pooling, a large
-    ``lam`` approaches max pooling).
+    ``lambda = guide(x)`` (:class:`GFGPGuide`, ``guide="original"`` or ``"simple"``).
+    ``pool_with_lambda(x, lam)`` applies the formula with an injected ``lambda`` (tests:
+    ``lam=0`` is average pooling, a large ``lam`` approaches max pooling).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, guide: str = "original") -> None:
         super().__init__()
-        self.guide = GFGPGuide(channels)
+        self.guide = GFGPGuide(channels, guide)
 
     def pool_with_lambda(self, x: Tensor, lam: Tensor | float) -> Tensor:
         """The pooling formula for a given ``lam`` (scalar or ``(B, C)``): ``-> (B, C)``."""
@@ -229,8 +258,8 @@ def _flex_softmax(channels: int, height: int, width: int) -> nn.Module:
     return FlexPool2d(channels, height, width, normalize="softmax")
 
 
-def _gfgp(channels: int, height: int, width: int) -> nn.Module:
-    return GlobalGFGP2d(channels)
+def _gfgp(channels: int, height: int, width: int, guide: str = "original") -> nn.Module:
+    return GlobalGFGP2d(channels, guide)
 
 
 #: Global pools by name: ``factory(channels, height, width, **kwargs) -> module``. A pool
@@ -353,16 +382,26 @@ def gfgp_local_pool(x: Tensor, lam: Tensor | float) -> Tensor:
 class GFGPPool2x2(LocalPool):
     """GFGP local pooling (Kobayashi, ICCV 2019): ``(B, C, H, W) -> (B, C, H/2, W/2)``.
 
-    ``y[b,c,i,j] = sum_{q in 2x2 window} x_q softmax_q(lambda[b, c] x_q)``, ``lambda =
-    sigmoid(V relu(U gap(x)))`` per sample and channel (:class:`GFGPGuide`, hidden
-    ``C/2``): between average (``lambda=0``) and max (``lambda -> inf``) pooling, chosen
-    from the map's global statistics. ``pool_with_lambda(x, lam)`` injects ``lambda``.
-    ``pool_pair`` pools the shortcut with the branch's ``lambda``.
+    ``y[b,c,i,j] = sum_{q in 2x2 window} x_q softmax_q(lambda[b, c] x_q)``, ``lambda`` per
+    sample and channel from :class:`GFGPGuide` (``guide="original"``: the authors'
+    estimator with biases and BatchNorm; ``"simple"``: the paper's bias-free MLP): between
+    average (``lambda=0``) and max (``lambda -> inf``) pooling, chosen from the map's
+    global statistics. ``pool_with_lambda(x, lam)`` injects ``lambda``.
+
+    Where it sits in a downsampling block: ``after_block=True`` (default, the authors'
+    ``models/resnet.py`` ``BasicBlock``): the block runs at stride 1 (conv, BN, ReLU, conv,
+    BN, plus shortcut, ReLU) and this pool halves its output; the block reads
+    ``pools_after_block``. ``after_block=False``: right after the block's first conv,
+    the shortcut pooled with the branch's ``lambda`` (``pool_pair``).
     """
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, guide: str = "original", after_block: bool = True
+                 ) -> None:
         super().__init__()
-        self.guide = GFGPGuide(channels)
+        if not isinstance(after_block, bool):
+            raise TypeError(f"GFGP: after_block must be true or false, got {after_block!r}")
+        self.guide = GFGPGuide(channels, guide)
+        self.pools_after_block = after_block
 
     def pool_with_lambda(self, x: Tensor, lam: Tensor | float) -> Tensor:
         """The pooling formula for a given ``lam`` (scalar or ``(B, C)``)."""
@@ -376,12 +415,14 @@ class GFGPPool2x2(LocalPool):
         skip_lam = lam[:, offset:offset + skip.shape[1]]  # the lambda of each skip channel
         return gfgp_local_pool(x, lam), gfgp_local_pool(skip, skip_lam)
 
+    def extra_repr(self) -> str:
+        return f"after_block={self.pools_after_block}"
+
 
 def max2x2_stride1(x: Tensor) -> Tensor:
-    """S3Pool's first step: ``(B, C, H, W) -> (B, C, H, W)``, max over ``x[i:i+2, j:j+2]``.
-
-    The bottom row and right column see a partial window (padding with -inf).
-    """
+    """``(B, C, H, W) -> (B, C, H, W)``, max over ``x[i:i+2, j:j+2]``; the bottom row and
+    right column see a partial window (padding with -inf). S3Pool's first step is this map
+    without its partial last row and column (the original's ``ignore_border=True``)."""
     return F.max_pool2d(F.pad(x, (0, 1, 0, 1), value=float("-inf")), 2, 1)
 
 
@@ -405,25 +446,37 @@ def s3pool_indices(
     batch: int, size: int, grid: int, device: torch.device | str = "cpu",
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Rows (or columns) S3Pool keeps, ``(batch, ceil(size/2))``, ascending, per sample.
+    """Rows (or columns) S3Pool keeps, ``(batch, ceil(size/2))``, ascending, one draw per
+    row of the result (``batch=1``: one draw for the whole batch, as the original).
 
     The ``size`` rows are split into cells of ``grid`` rows; each cell keeps a uniformly
-    random subset of ``k_i`` rows (see :func:`_s3pool_keep`), drawn independently per
-    sample from ``generator`` (default: torch's global RNG, so ``torch.manual_seed``
-    repeats a draw).
+    random subset of ``k_i`` rows (see :func:`_s3pool_keep`), drawn from ``generator``
+    (default: torch's global RNG, so ``torch.manual_seed`` repeats a draw). The last row
+    ``size - 1`` (a partial 2x2 window, absent from the original's stride-1 max map) is
+    kept only when its cell needs every row (an odd ``size`` with ``grid=1`` or a 1-row last
+    cell). Where ``grid`` is even and divides ``size``, this is the original's draw
+    (Shuangfei/s3pool ``build_net.py`` ``StochasticPool2DLayer``): ``size/grid`` cells, each
+    keeping a sorted random ``grid/2`` of its rows, the last cell from its first
+    ``grid - 1``. A ``grid`` above ``size`` is one cell (the original returns nothing).
     """
     cell = torch.arange(size, device=device) // grid
     # keys 2*cell + u, u in [0, 1): sorting groups rows by cell and shuffles within a cell
-    # (the gap of 2 keeps float rounding of u -> 1 from crossing into the next cell)
+    # (the gap of 2 keeps float rounding of u -> 1 from crossing into the next cell); the
+    # partial last row's key 2*cell + 1.5 sorts it after its cell's other rows
     keys = cell * 2 + torch.rand(batch, size, device=device, generator=generator)
+    keys[:, -1] = cell[-1] * 2 + 1.5
     order = keys.argsort(dim=1)
     keep = torch.tensor(_s3pool_keep(size, grid), device=device)
     return order[:, keep].sort(dim=1).values
 
 
 def s3pool_sample(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
-    """``y[b, c, i, j] = x[b, c, rows[b, i], cols[b, j]]``: ``(B, C, H, W) -> (B, C, Ho, Wo)``."""
+    """``y[b, c, i, j] = x[b, c, rows[b, i], cols[b, j]]``: ``(B, C, H, W) -> (B, C, Ho, Wo)``;
+    ``rows``/``cols`` of one row (``(1, Ho)``) are shared by the whole batch."""
+    if rows.shape[0] == 1 and cols.shape[0] == 1:
+        return x.index_select(2, rows[0]).index_select(3, cols[0])
     b, c, _, w = x.shape
+    rows, cols = rows.expand(b, -1), cols.expand(b, -1)
     ho, wo = rows.shape[1], cols.shape[1]
     x = torch.gather(x, 2, rows[:, None, :, None].expand(b, c, ho, w))
     return torch.gather(x, 3, cols[:, None, None, :].expand(b, c, ho, wo))
@@ -431,52 +484,63 @@ def s3pool_sample(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
 
 def s3pool_train(x: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
     """S3Pool in training, ``s3pool_sample(max2x2_stride1(x), rows, cols)``, computed at the
-    output size: gather rows ``r, r+1`` and columns ``c, c+1`` of ``x`` (padded with -inf),
+    output size: take rows ``r, r+1`` and columns ``c, c+1`` of ``x`` (padded with -inf),
     then a 2x2 max at stride 2. Equal to the two-step form, about 2x faster on CPU.
+    ``rows``, ``cols``: ``(B, Ho)`` per image or ``(1, Ho)`` shared by the batch.
     """
-    b, c, h, w = x.shape
     x = F.pad(x, (0, 1, 0, 1), value=float("-inf"))
-    rows2 = torch.stack([rows, rows + 1], 2).flatten(1)  # (B, 2*Ho): r0, r0+1, r1, r1+1, ...
+    rows2 = torch.stack([rows, rows + 1], 2).flatten(1)  # r0, r0+1, r1, r1+1, ...
     cols2 = torch.stack([cols, cols + 1], 2).flatten(1)
-    x = torch.gather(x, 2, rows2[:, None, :, None].expand(b, c, rows2.shape[1], w + 1))
-    x = torch.gather(x, 3, cols2[:, None, None, :].expand(b, c, rows2.shape[1], cols2.shape[1]))
-    return F.max_pool2d(x, 2, 2)
+    return F.max_pool2d(s3pool_sample(x, rows2, cols2), 2, 2)
 
 
 def s3pool_eval(x: Tensor) -> Tensor:
-    """S3Pool at evaluation: ``avg_pool2d(max2x2_stride1(x), 2, stride 2, ceil_mode)``.
-
-    The deterministic form PAPER.md names (average pooling with the stride replaces the
-    random sampling); for ``grid=2`` it is the expectation of the training output.
+    """S3Pool at evaluation, the original's (``build_net.py``, ``deterministic=True``):
+    the stride-1 2x2 max without padding (``(H-1, W-1)``), then a 2x2 average at stride 2
+    with padding 1 excluded from the average: ``(B, C, H, W) -> (B, C, ceil(H/2),
+    ceil(W/2))``. Output row ``i`` averages max-map rows ``2i-1, 2i`` (one row at the edges).
     """
-    return F.avg_pool2d(max2x2_stride1(x), 2, 2, ceil_mode=True)
+    h, w = x.shape[2:]
+    if h < 2 or w < 2:  # a 1-wide map: its one partial window
+        x = F.pad(x, (0, int(w < 2), 0, int(h < 2)), value=float("-inf"))
+    m = F.max_pool2d(x, 2, 1)
+    return F.avg_pool2d(m, 2, 2, padding=1, count_include_pad=False)
+
+
+S3POOL_DRAWS = ("batch", "image")
 
 
 class S3Pool2x2(LocalPool):
     """S3Pool (Zhai et al., CVPR 2017): ``(B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))``.
 
-    Step 1: ``m = max2x2_stride1(x)`` (2x2 max at stride 1, size kept). Step 2 in
-    training: ``y[b,c,i,j] = m[b, c, rows[b, i], cols[b, j]]`` with rows and columns drawn
-    at random inside grid cells of ``grid`` rows/columns (:func:`s3pool_indices`; shared
-    by all channels, independent per sample; larger grid = more distortion, ``grid=1`` =
-    plain 2x2 max pooling at stride 2), both steps fused in :func:`s3pool_train`. In
-    evaluation: :func:`s3pool_eval`, i.e.
-    ``avg_pool2d(m, 2, 2)``. ``pool_pair`` uses one draw for a branch and its shortcut.
+    Step 1: ``m`` = the 2x2 max at stride 1. Step 2 in training: ``y[b,c,i,j] =
+    m[b, c, rows[i], cols[j]]`` with rows and columns drawn at random inside grid cells of
+    ``grid`` rows/columns (:func:`s3pool_indices`; larger grid = more distortion,
+    ``grid=1`` = plain 2x2 max pooling at stride 2), both steps fused in
+    :func:`s3pool_train`. ``draw="batch"`` (default, the original): one draw shared by the
+    whole batch and every channel; ``draw="image"``: one draw per image. In evaluation:
+    :func:`s3pool_eval` (the original's padded 2x2 average). ``pool_pair`` uses one draw
+    for a branch and its shortcut.
     """
 
-    def __init__(self, grid: int, generator: torch.Generator | None = None) -> None:
+    def __init__(self, grid: int, draw: str = "batch", generator: torch.Generator | None = None
+                 ) -> None:
         super().__init__()
         if isinstance(grid, bool) or not isinstance(grid, int):
             raise TypeError(f"S3Pool2x2: grid must be an integer (cell size in rows), got {grid!r}")
         if grid < 1:
             raise ValueError(f"S3Pool2x2: grid must be >= 1 (cell size in rows), got {grid}")
-        self.grid = grid
+        if draw not in S3POOL_DRAWS:
+            raise ValueError(f"S3Pool2x2: draw must be one of {', '.join(S3POOL_DRAWS)}, "
+                             f"got {draw!r}")
+        self.grid, self.draw = grid, draw
         self.generator = generator
 
     def _draw(self, x: Tensor) -> tuple[Tensor, Tensor]:
         b, _, h, w = x.shape
-        rows = s3pool_indices(b, h, self.grid, x.device, self.generator)
-        cols = s3pool_indices(b, w, self.grid, x.device, self.generator)
+        n = b if self.draw == "image" else 1
+        rows = s3pool_indices(n, h, self.grid, x.device, self.generator)
+        cols = s3pool_indices(n, w, self.grid, x.device, self.generator)
         return rows, cols
 
     def forward(self, x: Tensor) -> Tensor:
@@ -491,7 +555,7 @@ class S3Pool2x2(LocalPool):
         return s3pool_train(x, rows, cols), s3pool_train(skip, rows, cols)
 
     def extra_repr(self) -> str:
-        return f"grid={self.grid}"
+        return f"grid={self.grid}, draw={self.draw!r}"
 
 
 def _max2(channels: int) -> LocalPool:
@@ -502,18 +566,18 @@ def _avg2(channels: int) -> LocalPool:
     return AvgPool2x2()
 
 
-def _gfgp2(channels: int) -> LocalPool:
-    return GFGPPool2x2(channels)
+def _gfgp2(channels: int, guide: str = "original", after_block: bool = True) -> LocalPool:
+    return GFGPPool2x2(channels, guide, after_block)
 
 
-def _s3pool(channels: int, grid: int) -> LocalPool:
-    return S3Pool2x2(grid)
+def _s3pool(channels: int, grid: int, draw: str = "batch") -> LocalPool:
+    return S3Pool2x2(grid, draw)
 
 
 #: Local (downsampling) pools by name: ``factory(channels, **kwargs) -> module``; their
-#: keyword arguments come from ``model.local_pool_args.<name>`` (S3Pool's ``grid``). An
-#: import path names a class called the same way; one without ``pool_pair`` pools the
-#: branch and the shortcut in two calls.
+#: keyword arguments come from ``model.local_pool_args.<name>`` (S3Pool's ``grid`` and
+#: ``draw``, GFGP's ``guide`` and ``after_block``). An import path names a class called
+#: the same way; one without ``pool_pair`` pools the branch and the shortcut in two calls.
 LOCAL_POOLS: dict[str, Callable[..., nn.Module]] = {
     "max": _max2,
     "avg": _avg2,
@@ -528,3 +592,24 @@ def build_local_pool(name: str, channels: int, **kwargs: Any) -> nn.Module:
     factory = resolve_layer(name, LOCAL_POOLS, "local pool")
     check_arguments(factory, (channels,), kwargs, f"local pool {name!r}")
     return factory(channels, **kwargs)
+
+
+def layer_kwargs(kwargs: dict[str, Any], layer: int) -> dict[str, Any]:
+    """The keyword arguments of downsampling layer ``layer`` (0 = stage 2's): a list or
+    tuple value gives one entry per downsampling layer (``grid: [16, 8]``), any other value
+    holds for all of them."""
+    return {k: v[layer % len(v)] if isinstance(v, list | tuple) and v else v
+            for k, v in kwargs.items()}
+
+
+def local_pool_factory(name: str, **kwargs: Any) -> Callable[[int], nn.Module]:
+    """``channels -> pool``: the ``i``-th pool it builds is :func:`build_local_pool`
+    with :func:`layer_kwargs` of layer ``i`` (cycling, so a model built twice from one
+    factory gets the same layers), i.e. a list argument goes one entry per downsampling
+    layer in the order the model builds them (stage 2, then stage 3)."""
+    built = [0]
+
+    def factory(channels: int) -> nn.Module:
+        layer, built[0] = built[0], built[0] + 1
+        return build_local_pool(name, channels, **layer_kwargs(kwargs, layer))
+    return factory

@@ -115,9 +115,16 @@ def test_parameter_costs():
     assert base == 269_722  # the default is unchanged
     for d in ("stride", "max", "avg", "s3pool"):
         assert n_params(net(downsample=d)) == base  # parameter-free pools
-    # one GFGP guide (U: C/2 x C, V: C x C/2) after the stride-1 conv of stages 2 and 3
-    assert n_params(resnet20(downsample="gfgp")) - base == 2 * 32 * 16 + 2 * 64 * 32
-    assert n_params(resnet20(pool="gfgp")) - base == 2 * 64 * 32
+    # one GFGP guide per pool, the authors': 1x1 convs C -> C/2 -> C with biases and a
+    # BatchNorm (weight, bias) after each, for stages 2 and 3 (C = 32, 64) or the head (64)
+    def gfgp(c: int) -> int:
+        return 2 * c * (c // 2) + (c // 2) + c + 2 * (c // 2) + 2 * c
+    assert n_params(resnet20(downsample="gfgp")) - base == gfgp(32) + gfgp(64) == 5_552
+    assert n_params(resnet20(pool="gfgp")) - base == gfgp(64) == 4_384
+    # guide=simple (the paper's bias-free MLP, U: C/2 x C, V: C x C/2)
+    simple = resnet20(downsample="gfgp", downsample_kwargs={"guide": "simple"})
+    assert n_params(simple) - base == 2 * 32 * 16 + 2 * 64 * 32
+    assert n_params(resnet20(pool="gfgp", pool_kwargs={"guide": "simple"})) - base == 2 * 64 * 32
     assert n_params(resnet20(pool="max")) == base
 
 
@@ -151,7 +158,9 @@ def test_shortcut_is_pooled_like_the_branch(name, pool):
 
 
 def test_s3pool_shortcut_uses_the_branch_draw():
-    block = _residual_off(BasicBlock(4, 8, 2, make_local_pool("s3pool", grid=2))).train()
+    # per-image draws (draw=image), so s3pool_indices(3, ...) repeats them
+    block = _residual_off(BasicBlock(4, 8, 2, make_local_pool("s3pool", grid=2, draw="image"))
+                          ).train()
     x = torch.randn(3, 4, 8, 8)
     torch.manual_seed(9)
     y = block(x)
@@ -164,7 +173,9 @@ def test_s3pool_shortcut_uses_the_branch_draw():
 
 
 def test_gfgp_shortcut_uses_the_branch_lambda():
-    block = _residual_off(BasicBlock(4, 8, 2, make_local_pool("gfgp"))).eval()
+    # the pool right after conv1 (after_block=False), not GFGP's default at the block's end
+    block = _residual_off(BasicBlock(4, 8, 2, make_local_pool(
+        "gfgp", guide="simple", after_block=False))).eval()
     x = torch.randn(2, 4, 6, 6)
     lam = block.pool.guide(block.conv1(x))
     big = x.abs().max().item()  # lam in (0, 1)
