@@ -254,3 +254,14 @@ def test_one_cell_of_the_preset_trains_on_digits(tmp_path):
     assert result["status"] == "completed"
     cell = json.loads(next(runs.rglob("cell.json")).read_text())["config"]
     assert cell["model"]["block"] == "authors" and cell["pool"]["name"] == "flex_softmax"
+
+
+def test_every_cell_of_the_preset_validates():
+    cfg = make_cfg(["experiment=authors_code"], return_hydra_config=True)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    for dataset in params.dataset.split(","):
+        for pool in params.pool.split(","):
+            for sac in params.sac.split(","):
+                validate(make_cfg(["experiment=authors_code", f"dataset={dataset}",
+                                   f"pool={pool}", f"sac={sac}"]))
