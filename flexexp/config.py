@@ -225,10 +225,15 @@ def _built(key: str, build: Any) -> Any:
 
 
 def _validate_model(cfg: DictConfig) -> None:
-    from flexexp.models import check_depth, make_local_pool, stage_shapes
+    from flexexp.models import BLOCKS, check_depth, make_local_pool, stage_shapes
     from flexexp.pooling import LOCAL_POOLS
 
     _built(f"model.depth={cfg.model.depth}", lambda: check_depth(cfg.model.depth))
+    if cfg.model.block not in BLOCKS:
+        raise ConfigError(
+            f"model.block={cfg.model.block!r} is unknown; valid names: {', '.join(BLOCKS)} "
+            "(he = He et al.'s block, authors = the authors' code), e.g. model.block=authors."
+        )
     down = cfg.model.downsample
     if down != "stride" and down not in LOCAL_POOLS and "." not in down:
         raise ConfigError(

@@ -16,6 +16,11 @@ pool in the same call (one S3Pool draw, one GFGP lambda for both), so the branch
 identity stay aligned. Every option halves ``H`` to ``ceil(H/2)``, so ``stage_shapes``
 do not depend on it.
 
+``block`` chooses the residual block, stem and init: ``he`` (the above, He et al.'s
+conv-BN-ReLU, Kaiming fan-out init) or ``authors`` (the authors' public code, PAPER.md
+sec. 6: conv -> ReLU -> BN with conv biases, the shortcut added before the block's last
+ReLU and BN, Kaiming-normal fan-in init of convs and linears; :class:`AuthorsBlock`).
+
 The model and its blocks take factories, not pool names and their parameters: a pool's
 own settings (FlexPool's ``normalize``, S3Pool's ``grid``, dropout before the head)
 travel inside the factory, from the pool's config to its constructor
@@ -56,6 +61,9 @@ __all__ = [
     "resnet",
     "VALID_DEPTHS",
     "DOWNSAMPLE_OPTIONS",
+    "BLOCKS",
+    "AuthorsBlock",
+    "check_block",
 ]
 
 VALID_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
@@ -63,6 +71,9 @@ STAGE_WIDTHS = (16, 32, 64)
 #: ``model.downsample`` values: the strided conv of He et al., or a local pool by name
 #: (or by import path).
 DOWNSAMPLE_OPTIONS = ("stride", *LOCAL_POOLS)
+#: ``model.block`` values: He et al.'s block (:class:`BasicBlock`) or the authors' code's
+#: (:class:`AuthorsBlock`, with its stem and init).
+BLOCKS = ("he", "authors")
 #: ``(channels, height, width, num_classes) -> head``: ``(B, C, H, W) -> (B, K)`` logits.
 HeadFactory = Callable[[int, int, int, int], nn.Module]
 #: ``channels -> local pool``: ``(B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))``.
@@ -139,17 +150,20 @@ class BasicBlock(nn.Module):
         out_channels: int,
         stride: int = 1,
         local_pool: LocalPoolFactory | None = None,
+        bias: bool = False,
+        conv2_bias: bool | None = None,
     ) -> None:
         super().__init__()
+        conv2_bias = bias if conv2_bias is None else conv2_bias
         pooled = stride != 1 and local_pool is not None
         if pooled and stride != 2:
             raise ValueError(f"a local pool downsamples 2x2 at stride 2, got stride {stride}")
         conv_stride = 1 if pooled else stride
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, conv_stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, conv_stride, 1, bias=bias)
         # None unless this block downsamples with a pool (keeps the default's modules as-is)
         self.pool: nn.Module | None = local_pool(out_channels) if pooled else None
         self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=conv2_bias)
         self.bn2 = nn.BatchNorm2d(out_channels)
         if stride != 1 or in_channels != out_channels:
             # with a pool the shortcut only pads channels, after the pool downsampled x
@@ -157,23 +171,64 @@ class BasicBlock(nn.Module):
         else:
             self.shortcut = nn.Identity()
 
+    def conv1_and_shortcut(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``conv1(x)`` (then the local pool, if any) and the shortcut, aligned."""
+        if self.pool is None:
+            return self.conv1(x), self.shortcut(x)
+        # pool the identity before padding it: half the channels, no zeros to pool
+        offset = getattr(self.shortcut, "offset", 0)
+        if hasattr(self.pool, "pool_pair"):
+            out, skip = self.pool.pool_pair(self.conv1(x), x, offset)
+            return out, self.shortcut(skip)
+        # a user's pool, built for C_out channels: pad the shortcut, then pool it
+        return self.pool(self.conv1(x)), self.pool(self.shortcut(x))
+
     def forward(self, x: Tensor) -> Tensor:
         if getattr(self.pool, "pools_after_block", False):  # the block at stride 1, then the pool
             out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
             return self.pool(F.relu(out + self.shortcut(x)))
-        if self.pool is None:
-            out, skip = self.conv1(x), self.shortcut(x)
-        else:
-            # pool the identity before padding it: half the channels, no zeros to pool
-            offset = getattr(self.shortcut, "offset", 0)
-            if hasattr(self.pool, "pool_pair"):
-                out, skip = self.pool.pool_pair(self.conv1(x), x, offset)
-                skip = self.shortcut(skip)
-            else:  # a user's pool, built for C_out channels: pad the shortcut, then pool it
-                out, skip = self.pool(self.conv1(x)), self.pool(self.shortcut(x))
+        out, skip = self.conv1_and_shortcut(x)
         out = F.relu(self.bn1(out))
         out = self.bn2(self.conv2(out))
         return F.relu(out + skip)
+
+
+class AuthorsBlock(BasicBlock):
+    """The block of the authors' code (aliman80/FlexPoolU, PAPER.md sec. 6):
+    ``bn2(relu(conv2(bn1(relu(conv1(x)))) + shortcut(x)))``, convs with biases.
+
+    Every choice follows ``resnet_softflexpool.py`` (the code's model without SAC):
+    - conv1 and conv2 3x3, padding 1, with biases (torch's default ``bias=True``): lines 28, 30;
+      ``resnet_mscale.py`` (the code's model with SAC) gives conv2 ``bias=False`` at its
+      line 30, hence ``conv2_bias`` (:class:`CifarResNet` passes ``not sac``);
+    - conv -> ReLU -> BN, the shortcut added before the last ReLU and BN: lines 49-53
+      (the same in resnet_mscale.py 49-53);
+    - option-A shortcut when the stride or the width changes, ``x[:, :, ::2, ::2]`` padded
+      with ``out // 4`` zero channels before and after: lines 36-43. For the doubling
+      widths of these ResNets that is :class:`ShortcutA` (``(out - in) // 2 == out // 4``).
+    With a ``local_pool`` the pool follows conv1 (at stride 1) as in :class:`BasicBlock`,
+    before the ReLU, and pools the shortcut in the same call; a pool with
+    ``pools_after_block`` (GFGP, as its authors place it) pools the block's output instead.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        stride: int = 1,
+        local_pool: LocalPoolFactory | None = None,
+        conv2_bias: bool = True,
+    ) -> None:
+        super().__init__(in_channels, out_channels, stride, local_pool, bias=True,
+                         conv2_bias=conv2_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if getattr(self.pool, "pools_after_block", False):  # at stride 1, then the pool
+            out = self.conv2(self.bn1(F.relu(self.conv1(x))))
+            return self.pool(self.bn2(F.relu(out + self.shortcut(x))))
+        out, skip = self.conv1_and_shortcut(x)
+        out = self.conv2(self.bn1(F.relu(out)))
+        return self.bn2(F.relu(out + skip))
 
 
 class Head(nn.Module):
@@ -188,6 +243,35 @@ class Head(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.dropout(self.pool(x)))
+
+
+def check_block(block: str) -> None:
+    """Raise ``ValueError`` unless ``block`` is one of :data:`BLOCKS`."""
+    if block not in BLOCKS:
+        raise ValueError(f"unknown block {block!r}; valid names: {', '.join(BLOCKS)}")
+
+
+def _stem(in_channels: int, channels: int, block: str) -> nn.Sequential:
+    """He et al.: conv (no bias) -> BN -> ReLU. The authors' code: ``bn1(relu(conv1(x)))``
+    with a conv bias (resnet_softflexpool.py lines 67-68 and 87)."""
+    if block == "authors":
+        return nn.Sequential(nn.Conv2d(in_channels, channels, 3, 1, 1),
+                             nn.ReLU(inplace=True), nn.BatchNorm2d(channels))
+    return nn.Sequential(
+        nn.Conv2d(in_channels, channels, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _block_factory(block: str, sac: bool) -> Callable[..., nn.Module]:
+    """``(c_in, c_out, stride=1, local_pool=None) -> block``. The authors' model with SAC
+    (resnet_mscale.py line 30) has no conv2 bias, the one without (resnet_softflexpool.py
+    line 30) has one."""
+    if block == "authors":
+        return lambda c_in, c_out, stride=1, local_pool=None: AuthorsBlock(
+            c_in, c_out, stride, local_pool, conv2_bias=not sac)
+    return BasicBlock
 
 
 class CifarResNet(nn.Module):
@@ -207,26 +291,26 @@ class CifarResNet(nn.Module):
         sac: bool = False,
         width: int = 1,
         local_pool: LocalPoolFactory | None = None,
+        block: str = "he",
     ) -> None:
         super().__init__()
         head = head or make_head("avg")
+        check_block(block)
         check_depth(depth)
         check_image_size(image_size)
         blocks = (depth - 2) // 6
         self.stage_shapes = stage_shapes(image_size, width)
         widths = [c for c, _, _ in self.stage_shapes]
         self.depth, self.sac, self.num_classes = depth, sac, num_classes
-        self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False),
-            nn.BatchNorm2d(widths[0]),
-            nn.ReLU(inplace=True),
-        )
+        self.block = block
+        self.stem = _stem(in_channels, widths[0], block)
+        make_block = _block_factory(block, sac)
         stages = []
         c_in = widths[0]
         for i, c_out in enumerate(widths):
             stride = 1 if i == 0 else 2
-            layers = [BasicBlock(c_in, c_out, stride, local_pool)]
-            layers += [BasicBlock(c_out, c_out) for _ in range(blocks - 1)]
+            layers = [make_block(c_in, c_out, stride, local_pool)]
+            layers += [make_block(c_out, c_out) for _ in range(blocks - 1)]
             stages.append(nn.Sequential(*layers))
             c_in = c_out
         self.stages = nn.ModuleList(stages)
@@ -235,7 +319,10 @@ class CifarResNet(nn.Module):
         self.heads = nn.ModuleList(
             head(*self.stage_shapes[i], num_classes) for i in tapped
         )
-        self._init_weights()
+        if block == "authors":
+            self._init_weights_authors()
+        else:
+            self._init_weights()
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -244,6 +331,21 @@ class CifarResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    def _init_weights_authors(self) -> None:
+        """The authors' ``self.apply(_weights_init)``: ``init.kaiming_normal_(m.weight)``
+        on every ``nn.Linear`` and ``nn.Conv2d`` (resnet_softflexpool.py lines 9-11 and 76;
+        resnet_mscale.py 9-11 and 84), with torch's defaults ``a=0, mode="fan_in",
+        nonlinearity="leaky_relu"``: std ``sqrt(2 / fan_in)``. Biases keep torch's default
+        (uniform in ``+-1/sqrt(fan_in)``), BN its default (weight 1, bias 0): the code
+        touches neither. The layers inside pools (GFGP's guide) keep their own init: the
+        code's pools are bare parameters, so it says nothing about them."""
+        inside_pools = {id(m) for owner in self.modules()
+                        if isinstance(getattr(owner, "pool", None), nn.Module)
+                        for m in owner.pool.modules()}
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d | nn.Linear) and id(m) not in inside_pools:
+                nn.init.kaiming_normal_(m.weight)
 
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """Maps after each stage: ``[(B, 16w, H, W), (B, 32w, H/2, W/2), (B, 64w, H/4, W/4)]``."""
@@ -311,6 +413,7 @@ def resnet20(
     downsample: str = "stride",
     pool_kwargs: dict[str, Any] | None = None,
     downsample_kwargs: dict[str, Any] | None = None,
+    block: str = "he",
 ) -> CifarResNet:
     """ResNet20 (0.27M parameters with avg pooling and 10 classes), by pool names."""
     return CifarResNet(
@@ -321,6 +424,7 @@ def resnet20(
         head=make_head(pool, dropout, **(pool_kwargs or {})),
         sac=sac,
         local_pool=make_local_pool(downsample, **(downsample_kwargs or {})),
+        block=block,
     )
 
 
@@ -344,4 +448,5 @@ def build_model(cfg: DictConfig) -> CifarResNet:
         sac=cfg.sac.enabled,
         width=cfg.model.width,
         local_pool=make_local_pool(cfg.model.downsample, **dict(local_args)),
+        block=cfg.model.block,
     )

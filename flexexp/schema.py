@@ -48,6 +48,7 @@ class ModelConfig:
     depth: int = MISSING
     width: int = MISSING
     downsample: str = MISSING  # stride | max | avg | gfgp | s3pool | module.Class
+    block: str = MISSING  # he | authors (flexexp.models.BLOCKS)
     # keyword arguments of each local pool, by its model.downsample name
     local_pool_args: dict[str, dict[str, Any]] = MISSING
 
