@@ -276,4 +276,4 @@ def test_s3pool_grid_per_downsampling_layer():
         with pytest.raises(ConfigError, match="one per downsampling layer"):
             validate(make_cfg(["model.downsample=s3pool", override]))
     with pytest.raises(ConfigError, match="draw must be one of batch, image"):
-        validate(make_cfg(["model.downsample=s3pool", "+model.local_pool_args.s3pool.draw=pixel"]))
+        validate(make_cfg(["model.downsample=s3pool", "model.local_pool_args.s3pool.draw=pixel"]))
