@@ -722,8 +722,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if unknown:
             raise FlexexpError(f"unknown --variants {unknown}; valid: {', '.join(VARIANTS)}")
-        if min(args.rounds, args.steps) < 1 or min(args.warmup, args.startup_probes) < 0:
-            raise FlexexpError("--rounds and --steps must be >= 1, --warmup and "
+        if min(args.rounds, args.steps) < 1 or min(args.warmup, args.startup_probes,
+                                                     args.workers) < 0:
+            raise FlexexpError("--rounds and --steps must be >= 1, --warmup, --workers and "
                                "--startup-probes >= 0")
         check_overrides(args.overrides)
         cfg = compose_config(args.overrides)

@@ -288,6 +288,11 @@ def _validate_dataset(cfg: DictConfig) -> None:
             f"dataset.scale={list(cfg.dataset.scale)} must be a range of two numbers [min, max], "
             "e.g. [1.0, 1.2] (1.0 = no scaling)."
         )
+    if cfg.dataset.translate >= cfg.dataset.image_size:
+        raise ConfigError(
+            f"dataset.translate={cfg.dataset.translate} shifts images by their whole size "
+            f"(dataset.image_size={cfg.dataset.image_size}) or more: use a few pixels, e.g. "
+            "dataset.translate=2 (0 = no shift).")
     lo, hi = cfg.dataset.scale
     if not 0 < lo <= hi:
         raise ConfigError(
@@ -464,8 +469,15 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
                     f"one option name ({', '.join(options)}). To sweep several, run with -m "
                     f"and separate them by commas: {top}={','.join(options[:2])}."
                 )
-            if "," in value or value.startswith(("choice(", "range(", "glob(")):
-                continue  # a sweep: Hydra checks each choice itself
+            if value.startswith(("choice(", "range(", "glob(")):
+                continue  # a sweep function: Hydra checks each choice itself
+            for one in value.split(","):  # a plain sweep: every choice must be an option
+                if one.strip() not in options and "${" not in one and not (
+                        one.strip() == "null" and top == "experiment"):
+                    raise ConfigError(_unknown(f"option {one.strip()!r} for group {top!r}",
+                                               one.strip(), options, f"{top}=<option>"))
+            if "," in value:
+                continue
             if value not in options and not (value == "null" and top == "experiment"):
                 raise ConfigError(_unknown(f"option {value!r} for group {top!r}", value, options,
                                            f"{top}=<option>"))
@@ -570,7 +582,11 @@ def check_runs_root(overrides: list[str]) -> None:
     root = Path(str(OmegaConf.load(CONF_DIR / "config.yaml").paths.runs))
     for text in overrides:
         if text.lstrip("+~").startswith("paths.runs="):
-            root = Path(text.split("=", 1)[1])
+            value = text.split("=", 1)[1]
+            if not value.strip():  # Path("") is ".", and Hydra would put runs under "/"
+                raise ConfigError("paths.runs= is empty: give the root of the run directories, "
+                                  "e.g. paths.runs=runs.")
+            root = Path(value)
     if "${" in str(root) or "," in str(root):
         return
     probe = root.absolute()

@@ -135,6 +135,16 @@ def _problem(rec: Any) -> str | None:
         return f"epochs is {epochs!r}, not a positive integer"
     if not isinstance(rec.get("config", {}), dict | None):
         return f"config is {rec['config']!r}, not a JSON object"
+    if rec["status"] == "completed":
+        cfg = rec.get("config")
+        if not cfg:
+            return "completed but has no config: nothing says what produced it"
+        want = (cfg.get("trainer") or {}).get("epochs") if isinstance(cfg, dict) else None
+        if epochs is not None and want is not None and epochs != want:
+            return f"epochs is {epochs!r} but its config says trainer.epochs={want!r}"
+        history = rec.get("history")
+        if isinstance(history, list) and epochs is not None and len(history) != epochs:
+            return f"completed after {epochs} epochs but its history has {len(history)}"
     acc = rec.get("test_acc")
     if acc is None:
         return "status is completed but test_acc is missing" if rec["status"] == "completed" \
@@ -208,7 +218,24 @@ def load_runs(runs_dir: str | Path) -> pd.DataFrame:
             rows.append(_row(path, _read_record(path)))
         except (OSError, ValueError) as exc:
             warnings.warn(f"skipping {path}: {exc}", stacklevel=2)
-    return pd.DataFrame(rows, columns=RUN_COLUMNS)
+    return _one_per_seed(pd.DataFrame(rows, columns=RUN_COLUMNS))
+
+
+def _one_per_seed(runs: pd.DataFrame) -> pd.DataFrame:
+    """One completed record per config and seed: a copied run folder is the same run, not
+    another sample (counting it twice would shrink the spread and fake significance)."""
+    done = runs[runs.status == "completed"]
+    dup = done.duplicated(["dataset", "variant", "sac", "seed", "config_key"], keep=False)
+    if not dup.any():
+        return runs
+    drop = []
+    for _, group in done[dup].groupby(["dataset", "variant", "sac", "seed", "config_key"]):
+        keep = group.finished.idxmax()
+        drop += [i for i in group.index if i != keep]
+        warnings.warn(f"{len(group)} records of the same run (config {group.config_key.iloc[0]}, "
+                      f"seed {group.seed.iloc[0]}): {', '.join(group.run_dir)}; counted once "
+                      f"(the newest, {group.run_dir[keep]}). Delete the copies.", stacklevel=3)
+    return runs.drop(index=drop)
 
 
 def load_paper(paper_dir: str | Path, table: int) -> pd.DataFrame:
@@ -232,7 +259,7 @@ def select_comparable(completed: pd.DataFrame,
         if len(counts) > 1:
             where = "/".join(f"{k}={v}" if k == "sac" else str(v)
                              for k, v in zip(keys, cell, strict=True))
-            others = ", ".join(f"{k} ({r.n} runs)" for k, r in counts.drop(best).iterrows())
+            others = ", ".join(f"{k} ({int(r.n)} runs)" for k, r in counts.drop(best).iterrows())
             warnings.warn(
                 f"{where}: runs of {len(counts)} different configs; the table "
                 f"uses config {best} ({counts.loc[best, 'n']} runs) and leaves out {others} "

@@ -285,8 +285,8 @@ def write_failure(run_dir: Path, record: dict[str, Any], exc: BaseException,
     stopped = isinstance(exc, Interrupted | KeyboardInterrupt)
     record["status"] = "interrupted" if stopped else "failed"
     why = str(exc) if isinstance(exc, Interrupted) else f"{type(exc).__name__}: {exc}"
-    record["error"] = (f"{why}; the checkpoint of the last finished epoch is kept: run the same "
-                       "command to resume" if stopped else why)
+    record["error"] = (f"{why}; the checkpoint of the last finished epoch (if one ended) is "
+                       "kept: run the same command to resume" if stopped else why)
     record["wall_time_s"] = time.time() - started
     atomic_write_text(run_dir / "error.txt", traceback.format_exc())
     write_json(run_dir / RESULT_FILE, record)
@@ -294,8 +294,10 @@ def write_failure(run_dir: Path, record: dict[str, Any], exc: BaseException,
 
 
 def write_result(run_dir: Path, record: dict[str, Any]) -> None:
-    """Write the record of a finished run; last, so only a finished run reads completed."""
+    """Write the record of a finished run; last, so only a finished run reads completed.
+    The traceback of an earlier, interrupted attempt goes: it no longer describes the run."""
     write_json(run_dir / RESULT_FILE, record)
+    (run_dir / "error.txt").unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------- checkpoint

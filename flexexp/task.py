@@ -45,9 +45,14 @@ def task(cfg: DictConfig) -> float | None:
     job_num = OmegaConf.select(hc, "job.num", default=0) or 0  # missing in a single run
     try:
         record = trainer.run(cfg, out, job_num, rundir.hydra_files(cfg, hc), wait=sweep)
+    except KeyboardInterrupt:  # Ctrl-C: the record says interrupted; no traceback
+        _say(f"{out}: interrupted (Ctrl-C); run the same command to resume from the last "
+             "checkpoint.")
+        note(out, "interrupted", "Ctrl-C")
+        raise SystemExit(130) from None
     except signals.Interrupted as exc:
-        _say(f"{out}: {exc}; the checkpoint of the last finished epoch is kept: run the same "
-             "command to resume.")
+        _say(f"{out}: {exc}; run the same command to resume from the last finished epoch's "
+             "checkpoint (none before the first epoch ends: it starts again).")
         note(out, "interrupted", str(exc))
         signals.redeliver()  # the default action ends the process; a requeue handler runs
         raise SystemExit(128 + exc.signum) from None

@@ -89,6 +89,7 @@ def run(cfg: DictConfig, run_dir: str | Path, job_num: int = 0,
     if not dist.main:
         record = _run_cell(cfg, run_dir, cell, dist, None)
     else:
+        engine.resolve_device(cfg.trainer.device)  # no GPU for cuda: refused before any write
         rundir.make_writable(run_dir)
         with (rundir.exclusive(run_dir, wait),
               gpus.hold_gpu(cfg.trainer.device, cfg.trainer.gpu_policy, job_num) as gpu,

@@ -46,7 +46,7 @@ def test_dataset_shapes(name, classes, channels):
 @pytest.mark.parametrize("override,match", [
     (["trainer.epochs=0"], r"trainer.epochs=0 is outside its range \[1, inf\)"),
     (["trainer.batch_size=-5"], r"trainer.batch_size=-5 is outside its range \[1, inf\)"),
-    (["optim.lr=0"], r"optim.lr=0 is outside its range \(0, inf\)"),
+    (["optim.lr=0"], r"optim.lr=0 is outside its range \(0, 1e\+06\]"),
     (["sac=on", "sac.weights=[0.5,0.5]"], "must have 3 entries"),
     (["sac=on", "sac.weights=[-0.1,0.2,0.7]"], r"sac.weights\[0\]=-0.1 is outside its range"),
     (["dataset.image_size=2"], "dataset.image_size=2: image_size 2 is too small"),

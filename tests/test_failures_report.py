@@ -349,3 +349,54 @@ def test_an_unreadable_tiny_imagenet_listing_is_not_called_a_bad_layout(tmp_path
     with pytest.raises(DataError) as err:
         load_arrays(spec_for("tiny_imagenet", tmp_path))
     _assert_unreadable_message(str(err.value), bad)
+
+
+# ==================================================================== found by a tester's run
+
+
+def _rec(d: Path, seed: int, acc: float, **extra) -> None:
+    import json as _json
+
+    d.mkdir(parents=True)
+    rec = {"dataset": "cifar10", "pool": "avg", "sac": False, "seed": seed, "epochs": 1,
+           "status": "completed", "test_acc": acc,
+           "config": {"dataset": {"name": "cifar10"}, "pool": {"name": "avg"},
+                      "trainer": {"epochs": 1}, "seed": seed}, **extra}
+    (d / "result.json").write_text(_json.dumps(rec))
+
+
+def test_report_counts_a_copied_run_folder_once(tmp_path):
+    import pytest as _pytest
+
+    from flexexp.report import report
+
+    runs = tmp_path / "runs"
+    _rec(runs / "a" / "s0", 0, 90.0)
+    _rec(runs / "a" / "s1", 1, 92.0)
+    _rec(runs / "backup" / "s0", 0, 90.0)  # a copy of seed 0's folder
+    with _pytest.warns(UserWarning, match="2 records of the same run .*counted once"):
+        out = report(runs, tmp_path / "out")
+    row = out["table1"].set_index(["dataset", "variant"]).loc[("cifar10", "avg")]
+    assert row.n == 2 and row["mean"] == 91.0
+
+
+def test_report_skips_records_that_contradict_their_config(tmp_path):
+    import pytest as _pytest
+
+    from flexexp.report import report
+
+    runs = tmp_path / "runs"
+    _rec(runs / "ok", 0, 90.0)
+    _rec(runs / "edited", 1, 99.0, epochs=5)  # its config says 1 epoch
+    _rec(runs / "short", 2, 99.0, history=[])  # completed after 1 epoch, no history
+    d = runs / "bare"
+    d.mkdir(parents=True)
+    (d / "result.json").write_text('{"dataset": "cifar10", "pool": "avg", "sac": false, '
+                                   '"seed": 3, "status": "completed", "test_acc": 99.0}')
+    with _pytest.warns(UserWarning) as caught:
+        out = report(runs, tmp_path / "out")
+    text = " ".join(str(w.message) for w in caught)
+    assert "epochs is 5 but its config says trainer.epochs=1" in text
+    assert "history has 0" in text and "has no config" in text
+    row = out["table1"].set_index(["dataset", "variant"]).loc[("cifar10", "avg")]
+    assert row.n == 1 and row["mean"] == 90.0

@@ -137,7 +137,7 @@ CATALOGUE = [
      "trainer.epochs=100"),
     (["trainer.batch_size=0"], "trainer.batch_size=0 is outside its range [1, inf)",
      "batch_size=1000"),
-    (["optim.lr=-0.1"], "optim.lr=-0.1 is outside its range (0, inf)", "optim.lr=0.1"),
+    (["optim.lr=-0.1"], "optim.lr=-0.1 is outside its range (0, 1e+06]", "optim.lr=0.1"),
     (["sac=on", "sac.weights=[0.3,0.7]"], "sac.weights=[0.3, 0.7] must have 3 entries",
      "[0.1,0.2,0.7]"),
     (["sac=on", "sac.weights=[0.1,-0.2,0.7]"], "sac.weights[1]=-0.2 is outside its range",

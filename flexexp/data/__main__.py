@@ -34,8 +34,12 @@ usage: python -m flexexp.data download dataset=NAME[,NAME...|all] [dataset.root=
 
 def compose_spec(name: str, overrides: list[str]) -> DatasetConfig:
     """The ``dataset`` section of the real config for ``dataset=name`` plus ``overrides``."""
+    from flexexp.ranges import check_ranges
+
     check_overrides([f"dataset={name}", *overrides])
-    return OmegaConf.to_object(compose_config([f"dataset={name}", *overrides]).dataset)
+    cfg = compose_config([f"dataset={name}", *overrides])
+    check_ranges(cfg)  # dataset.image_size=-3: a ConfigError, not a torch error
+    return OmegaConf.to_object(cfg.dataset)
 
 
 def split_args(args: list[str]) -> tuple[list[str], list[str]]:
@@ -103,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; returns the exit status (0 fine, 2 a user-fixable error)."""
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"error: unknown command {argv[0]!r}: use one of {', '.join(COMMANDS)}.\n",
+                  file=sys.stderr)
         print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
