@@ -462,25 +462,7 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
         parts = key.split(".")
         top = parts[0]
         if len(parts) == 1 and top in GROUPS:
-            options = sorted({o for d in (conf_dir, *extra_dirs) for o in group_options(top, d)})
-            if value.startswith("["):
-                raise ConfigError(
-                    f"override {text!r} gives the config group {top!r} a list; a group takes "
-                    f"one option name ({', '.join(options)}). To sweep several, run with -m "
-                    f"and separate them by commas: {top}={','.join(options[:2])}."
-                )
-            if value.startswith(("choice(", "range(", "glob(")):
-                continue  # a sweep function: Hydra checks each choice itself
-            for one in value.split(","):  # a plain sweep: every choice must be an option
-                if one.strip() not in options and "${" not in one and not (
-                        one.strip() == "null" and top == "experiment"):
-                    raise ConfigError(_unknown(f"option {one.strip()!r} for group {top!r}",
-                                               one.strip(), options, f"{top}=<option>"))
-            if "," in value:
-                continue
-            if value not in options and not (value == "null" and top == "experiment"):
-                raise ConfigError(_unknown(f"option {value!r} for group {top!r}", value, options,
-                                           f"{top}=<option>"))
+            _check_group_choice(text, top, value, conf_dir, extra_dirs)
             continue
         if top in OPEN_GROUPS and len(parts) > 1:
             _check_open_key(text, parts, overrides, [conf_dir, *extra_dirs])
@@ -498,6 +480,24 @@ def check_overrides(overrides: list[str], conf_dir: Path = CONF_DIR) -> None:
                 _check_value(key, value, get_type_hints(type(node) if not isinstance(node, type)
                                                         else node)[part])
             node = keys[part]
+
+
+def _check_group_choice(text: str, top: str, value: str, conf_dir: Path,
+                        extra_dirs: list[Path]) -> None:
+    """Every option a group override names (one, or a sweep's list) must exist."""
+    options = sorted({o for d in (conf_dir, *extra_dirs) for o in group_options(top, d)})
+    if value.startswith("["):
+        raise ConfigError(
+            f"override {text!r} gives the config group {top!r} a list; a group takes "
+            f"one option name ({', '.join(options)}). To sweep several, run with -m "
+            f"and separate them by commas: {top}={','.join(options[:2])}."
+        )
+    if value.startswith(("choice(", "range(", "glob(")):
+        return  # a sweep function: Hydra checks each choice itself
+    for one in (v.strip() for v in value.split(",")):  # a sweep: each choice must exist
+        if one not in options and "${" not in one and not (one == "null" and top == "experiment"):
+            raise ConfigError(_unknown(f"option {one!r} for group {top!r}", one, options,
+                                       f"{top}=<option>"))
 
 
 #: Config sections whose keys depend on the option chosen (each option's YAML lists them).

@@ -183,7 +183,18 @@ def _read_record(path: Path) -> dict[str, Any]:
     return rec
 
 
-RUN_COLUMNS = ["dataset", "variant", "sac", "seed", "status", "test_acc", "epochs",
+#: The training recipe a run followed, by its ``model.block``: the paper's text (He et al.'s
+#: block) or the authors' public code (``experiment=authors_code``).
+RECIPES = {"he": "the paper's", "authors": "the authors' code"}
+
+
+def _recipe(rec: dict[str, Any]) -> str:
+    model = (rec.get("config") or {}).get("model") or {}
+    block = model.get("block") or "he"  # a record that predates model.block: He et al.'s
+    return RECIPES.get(block, f"model.block={block}")
+
+
+RUN_COLUMNS = ["recipe", "dataset", "variant", "sac", "seed", "status", "test_acc", "epochs",
                "downsample", "num_params", "images_per_s", "batch_size", "config_key",
                "compare_key", "compare_config", "error", "run_dir", "finished"]
 
@@ -195,6 +206,7 @@ def _row(path: Path, rec: dict[str, Any]) -> dict[str, Any]:
     if isinstance(model, dict):  # a record without model.downsample predates it: stride
         compare["model"] = {**model, "downsample": model.get("downsample") or "stride"}
     return {
+        "recipe": _recipe(rec),
         "dataset": rec["dataset"], "variant": rec["pool"], "sac": rec["sac"],
         "seed": rec["seed"], "status": rec["status"], "test_acc": _number(rec.get("test_acc")),
         "epochs": rec.get("epochs"), "downsample": _downsample(rec),
@@ -596,8 +608,14 @@ def report(runs_dir: str | Path, out_dir: str | Path,
     files: dict[str, Output] = {}
     # the paper's tables compare pools on ResNet20's own (strided) downsampling only
     paper_runs = runs[runs.downsample == "stride"]
-    for num, sac, title in ((1, False, "Table 1: single classifier"),
-                            (2, True, "Table 2: with SAC")):
+    recipes = sorted(set(paper_runs[paper_runs.status == "completed"].recipe))
+    if len(recipes) > 1:
+        warnings.warn(f"runs of {len(recipes)} recipes under one root ({'; '.join(recipes)}): "
+                      "they are never averaged together, but report each from its own root "
+                      "(experiment=authors_code runs into runs/authors-code)", stacklevel=2)
+    where = f" (recipe: {', '.join(recipes) or 'none yet'})"
+    for num, sac, title in ((1, False, "Table 1: single classifier" + where),
+                            (2, True, "Table 2: with SAC" + where)):
         table = build_table(paper_runs, load_paper(paper_dir, num), sac)
         sig = significance(paper_runs, sac)
         files[f"table{num}.csv"] = _csv(table, float_format="%.4f")

@@ -78,3 +78,24 @@ def test_sac_claims_pair_the_same_variant_and_other_settings_are_not_comparable(
     assert claims.loc[("SAC improves FlexPool", "cifar10")].verdict == "holds"
     other = claims.loc[("SAC improves FlexPool+Reg", "cifar10")]
     assert other.verdict == "not comparable: differs in trainer.epochs" and other.n_pairs == 0
+
+
+def test_each_table_says_which_recipe_its_runs_followed(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(2):
+        record(runs, "cifar10", "avg", False, seed, 90.0 + seed)
+    report(runs, tmp_path / "paper")
+    assert "(recipe: the paper's)" in (tmp_path / "paper" / "table1.md").read_text()
+    code = tmp_path / "code"
+    record(code, "cifar10", "flex_softmax", False, 0, 91.0)
+    path = next(code.rglob("result.json"))
+    rec = json.loads(path.read_text())
+    rec["config"]["model"] = {"block": "authors"}
+    path.write_text(json.dumps(rec))
+    report(code, tmp_path / "code-out")
+    assert "(recipe: the authors' code)" in (tmp_path / "code-out" / "table1.md").read_text()
+    # both under one root: never averaged together, and the report says so
+    (runs / "code").mkdir()
+    path.rename(runs / "code" / "result.json")
+    with pytest.warns(UserWarning, match="runs of 2 recipes under one root"):
+        report(runs, tmp_path / "mixed")
