@@ -352,20 +352,43 @@ def _validate_optim(cfg: DictConfig) -> None:
 
 
 def _validate_sched(cfg: DictConfig) -> None:
-    from flexexp.engine import SCHEDULES
+    from flexexp.engine import SCHEDULES, schedule_params
     from flexexp.pooling import check_arguments
 
     name = cfg.sched.get("name")
     if name not in SCHEDULES:
         raise ConfigError(f"sched.name={name!r} is unknown; valid names: "
                           f"{', '.join(SCHEDULES)} (sched=<name>).")
-    kwargs = {k: v for k, v in cfg.sched.items() if k != "name"}
+    kwargs = schedule_params(cfg.sched)
     _built(f"sched={name}", lambda: check_arguments(SCHEDULES[name], (0, 1, 1.0), kwargs,
                                                     f"schedule {name!r}"))
     for key in kwargs:
         _positive(cfg, f"sched.{key}", f"see {CONF_DIR}/sched/{name}.yaml")
     if name == "onecycle" and not cfg.sched.pct_start < 1:
         raise ConfigError(f"sched.pct_start={cfg.sched.pct_start} must be in (0, 1), e.g. 0.3.")
+    if name == "onecycle":
+        _validate_momentum_cycle(cfg)
+
+
+def _validate_momentum_cycle(cfg: DictConfig) -> None:
+    """sched=onecycle's momentum keys (their ranges: flexexp/ranges.py)."""
+    from flexexp.engine import MOMENTUM_KEYS, momentum_key
+
+    s = cfg.sched
+    missing = [k for k in MOMENTUM_KEYS if k not in s]
+    if missing:
+        raise ConfigError(f"sched=onecycle has no {', '.join(f'sched.{k}' for k in missing)}: "
+                          f"copy the key from {CONF_DIR}/sched/onecycle.yaml.")
+    if not isinstance(s.cycle_momentum, bool):
+        raise ConfigError(f"sched.cycle_momentum={s.cycle_momentum!r} must be true or false.")
+    if s.base_momentum > s.max_momentum:
+        raise ConfigError(
+            f"sched.base_momentum={s.base_momentum} is above sched.max_momentum="
+            f"{s.max_momentum}: the momentum falls from max to base as the LR rises "
+            "(e.g. sched.base_momentum=0.85 sched.max_momentum=0.95).")
+    if s.cycle_momentum and momentum_key(cfg.optim) is None:
+        raise ConfigError(f"sched.cycle_momentum=true but optim={cfg.optim.name} has neither "
+                          "betas nor momentum: set sched.cycle_momentum=false.")
 
 
 def _check_shape(layer: Any, shape: tuple[int, int, int], out: tuple[int, ...]) -> None:

@@ -4,10 +4,11 @@ Nothing here knows about run directories, records or epochs: the device and prec
 a config asks for (:func:`prepare_device`: :func:`resolve_device`,
 :func:`configure_process`, :func:`resolve_precision`; :func:`autocast_for`), the
 data-parallel place of this process (:class:`Dist`), the one-cycle learning rate
-(:func:`learning_rate`), the batches on the device (:func:`make_train_loader`,
-:func:`make_test_loader`), the optimisation step itself (:class:`TrainStep`, which
-returns a :class:`StepResult`; ``trainer.compile`` compiles its forward pass), the
-on-device epoch sums (:class:`Counters`) and the test-set accuracy (:func:`evaluate`).
+(:func:`learning_rate`) and momentum (:func:`momentum`), the batches on the device
+(:func:`make_train_loader`, :func:`make_test_loader`), the optimisation step itself
+(:class:`TrainStep`, which returns a :class:`StepResult`; ``trainer.compile`` compiles
+its forward pass), the on-device epoch sums (:class:`Counters`) and the test-set
+accuracy (:func:`evaluate`).
 The loop that strings them together is :func:`flexexp.trainer.fit`; the benchmark
 (:mod:`flexexp.bench`) times the same pieces.
 """
@@ -35,7 +36,8 @@ from flexexp.speed import COMPILE_MODES, channels_last_setting, compile_setting
 
 log = logging.getLogger(__name__)
 
-__all__ = ["onecycle_lr", "constant_lr", "SCHEDULES", "learning_rate", "resolve_device",
+__all__ = ["onecycle_lr", "onecycle_momentum", "constant_lr", "SCHEDULES", "MOMENTUM_KEYS",
+           "schedule_params", "learning_rate", "momentum_key", "momentum", "resolve_device",
            "resolve_precision", "COMPILE_MODES", "resolve_compile", "Speed", "resolve_speed",
            "autocast_for", "configure_process", "prepare_device", "Dist", "init_distributed",
            "make_train_loader", "make_test_loader", "head_names",
@@ -44,6 +46,24 @@ __all__ = ["onecycle_lr", "constant_lr", "SCHEDULES", "learning_rate", "resolve_
 
 
 # ---------------------------------------------------------------------------- schedule
+
+
+def _cos(start: float, end: float, pct: float) -> float:
+    """torch's ``OneCycleLR._annealing_cos``: ``start`` at ``pct=0``, ``end`` at 1."""
+    return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+
+
+def _one_cycle(step: int, total_steps: int, pct_start: float, start: float, peak: float,
+               end: float) -> float:
+    """torch's two OneCycleLR phases: ``start`` to ``peak`` over steps 0 to
+    ``pct_start * total_steps - 1``, then ``peak`` to ``end`` at the last step, each a
+    cosine annealing (pct as torch computes it: the step's share of its phase)."""
+    warm_end = float(pct_start * total_steps) - 1
+    last = total_steps - 1
+    if step <= warm_end:
+        return _cos(start, peak, step / warm_end) if warm_end > 0 else peak
+    span = last - warm_end
+    return _cos(peak, end, (step - warm_end) / span) if span > 0 else end
 
 
 def onecycle_lr(
@@ -61,16 +81,15 @@ def onecycle_lr(
     """
     initial = max_lr / div_factor
     final = initial / final_div_factor
-    warm_end = float(pct_start * total_steps) - 1
-    last = total_steps - 1
+    return _one_cycle(step, total_steps, pct_start, initial, max_lr, final)
 
-    def cos(start: float, end: float, pct: float) -> float:
-        return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
 
-    if step <= warm_end:
-        return cos(initial, max_lr, step / warm_end) if warm_end > 0 else max_lr
-    span = last - warm_end
-    return cos(max_lr, final, (step - warm_end) / span) if span > 0 else final
+def onecycle_momentum(step: int, total_steps: int, pct_start: float, base_momentum: float,
+                      max_momentum: float) -> float:
+    """Adam's beta1 (SGD's momentum) at ``step`` as torch's OneCycleLR with
+    ``cycle_momentum=True`` sets it: the LR's phases in reverse, ``max_momentum`` at the
+    first step, ``base_momentum`` at the LR's peak, ``max_momentum`` at the last step."""
+    return _one_cycle(step, total_steps, pct_start, max_momentum, base_momentum, max_momentum)
 
 
 def constant_lr(step: int, total_steps: int, max_lr: float) -> float:
@@ -79,14 +98,43 @@ def constant_lr(step: int, total_steps: int, max_lr: float) -> float:
 
 
 #: LR schedules by ``sched.name``: ``fn(step, total_steps, max_lr, **params)``, the params
-#: being the sched section's other keys (validate() checks them against the signature).
+#: being the sched section's other keys (:func:`schedule_params`; validate() checks them
+#: against the signature).
 SCHEDULES = {"onecycle": onecycle_lr, "constant": constant_lr}
+#: The keys of the momentum cycle (sched=onecycle only): not the LR function's arguments.
+MOMENTUM_KEYS = ("cycle_momentum", "base_momentum", "max_momentum")
+
+
+def schedule_params(sched: DictConfig) -> dict[str, Any]:
+    """The LR function's keyword arguments: the sched keys but ``name`` (and, for
+    sched=onecycle, the :data:`MOMENTUM_KEYS`)."""
+    skip = ("name", *MOMENTUM_KEYS) if sched.get("name") == "onecycle" else ("name",)
+    return {k: v for k, v in sched.items() if k not in skip}
 
 
 def learning_rate(cfg: DictConfig, step: int, total_steps: int) -> float:
     """The learning rate of step ``step``: a pure function of the step and the config."""
-    params = {k: v for k, v in cfg.sched.items() if k != "name"}
+    params = schedule_params(cfg.sched)
     return SCHEDULES[cfg.sched.name](step, total_steps, cfg.optim.lr, **params)
+
+
+def momentum_key(optim: DictConfig) -> str | None:
+    """The history's name of the optimiser's momentum: ``beta1`` (``optim.betas``, Adam),
+    ``momentum`` (``optim.momentum``, SGD), None for an optimiser with neither."""
+    return "beta1" if "betas" in optim else "momentum" if "momentum" in optim else None
+
+
+def momentum(cfg: DictConfig, step: int, total_steps: int) -> float | None:
+    """Adam's beta1 (SGD's momentum) of step ``step``: with ``sched.cycle_momentum`` the
+    one-cycle value (:func:`onecycle_momentum`), else the optimiser's configured one; None
+    for an optimiser with neither. A pure function of the step and the config."""
+    s, key = cfg.sched, momentum_key(cfg.optim)
+    if key is None:
+        return None
+    if s.get("cycle_momentum", False):
+        return onecycle_momentum(step, total_steps, s.pct_start, s.base_momentum,
+                                 s.max_momentum)
+    return float(cfg.optim.betas[0] if key == "beta1" else cfg.optim.momentum)
 
 
 # ---------------------------------------------------------------------------- process
@@ -437,9 +485,11 @@ def forward_module(cfg: DictConfig, model: CifarResNet, device: torch.device, di
 class TrainStep:
     """One optimisation step, shared by the trainer and the benchmark.
 
-    ``step(x, y, lr)`` runs the forward pass of every head under autocast, the loss
-    ``sum_h w_h CE(h) + reg * penalty``, backward and the optimiser step, and returns a
-    :class:`StepResult` of device tensors without reading them back to the host.
+    ``step(x, y, lr, momentum)`` sets the learning rate and (unless None) Adam's beta1
+    or SGD's momentum of every group, runs the forward pass of every head under
+    autocast, the loss ``sum_h w_h CE(h) + reg * penalty``, backward and the optimiser
+    step, and returns a :class:`StepResult` of device tensors without reading them back
+    to the host.
     ``forward`` is the (compiled) forward of ``model`` from :func:`forward_module`; a
     sweep passes the one it built for an earlier cell of the same model
     (:mod:`flexexp.reuse`), so nothing is compiled again.
@@ -461,9 +511,15 @@ class TrainStep:
         # CUDA graphs replay into the same output buffers: mark where a step begins
         self._graphs = speed.compile == "reduce-overhead" and device.type == "cuda"
 
-    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepResult:
+    def step(self, x: torch.Tensor, y: torch.Tensor, lr: float,
+             momentum: float | None = None) -> StepResult:
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+            if momentum is not None:  # as torch's OneCycleLR sets it (engine.momentum)
+                if "betas" in g:
+                    g["betas"] = (momentum, *g["betas"][1:])
+                else:
+                    g["momentum"] = momentum
         if self._graphs:
             torch.compiler.cudagraph_mark_step_begin()
         with self.autocast:

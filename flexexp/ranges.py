@@ -78,6 +78,10 @@ RANGES: dict[str, Range] = {
                              eg="0.3"),
     "sched.div_factor": Range(1.0, why="the first LR is optim.lr / div_factor"),
     "sched.final_div_factor": Range(1.0, why="the last LR is the first / final_div_factor"),
+    "sched.base_momentum": Range(0.0, 1.0, why="beta1 (SGD: momentum) at the LR's peak",
+                                 eg="0.85"),
+    "sched.max_momentum": Range(0.0, 1.0, why="beta1 (SGD: momentum) at the first and last step",
+                                eg="0.95"),
 }
 
 

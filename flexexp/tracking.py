@@ -132,6 +132,8 @@ class TensorBoardLogger:
             "train/loss": e["train_loss"],
             "train/acc": e["train_acc"],
             "train/lr": e["lr"],
+            "train/beta1": e.get("beta1"),  # Adam (None: not logged)
+            "train/momentum": e.get("momentum"),  # SGD
             "train/penalty": e["penalty"],
             "train/images_per_s": e["images_per_s"],
             **{f"train/loss_{h}": v for h, v in e["train_loss_heads"].items()},

@@ -32,8 +32,8 @@ from flexexp.tracking import CHECKPOINT_FILE, TensorBoardLogger, startup_age
 log = logging.getLogger(__name__)
 
 __all__ = ["run", "setup", "fit", "Loop"]
-# The loop calls engine.learning_rate and engine.evaluate through the module, so a test
-# that patches them there reaches the loop.
+# The loop calls engine.learning_rate, engine.momentum and engine.evaluate through the
+# module, so a test that patches them there reaches the loop.
 
 
 @dataclass
@@ -190,20 +190,22 @@ def fit(loop: Loop) -> dict[str, Any]:
 
 
 def _train_epoch(loop: Loop, epoch: int, bar) -> dict[str, Any]:
-    """Train one epoch; its history entry (loss, accuracy, learning rate, speed)."""
+    """Train one epoch; its history entry (loss, accuracy, learning rate and momentum of
+    the epoch's last step, speed)."""
     cfg = loop.cfg
     loop.step.model.train()
     names = engine.head_names(loop.step.model)
     c = Counters.zeros(len(names), loop.step.device)
-    lr, epoch_time = _train_steps(loop, epoch, c, bar)
+    lr, m, epoch_time = _train_steps(loop, epoch, c, bar)
     loop.train_time += epoch_time
     seen = float(c.seen)
     head_loss = (c.loss / seen).tolist()
     _check_diverged(loop, c, dict(zip(names, head_loss, strict=True)), epoch)
-    weights = loop.step.head_weights
+    weights, m_key = loop.step.head_weights, engine.momentum_key(cfg.optim)
     return {
         "epoch": epoch + 1,
         "lr": lr,
+        **({m_key: m} if m_key else {}),  # beta1 (Adam) or momentum (SGD)
         "train_loss": float(sum(w * h for w, h in zip(weights, head_loss, strict=True))),
         "train_loss_heads": dict(zip(names, head_loss, strict=True)),
         "train_acc": float(c.correct) * 100.0 / seen,
@@ -213,15 +215,17 @@ def _train_epoch(loop: Loop, epoch: int, bar) -> dict[str, Any]:
     }
 
 
-def _train_steps(loop: Loop, epoch: int, c: Counters, bar) -> tuple[float, float]:
-    """The steps of one epoch, summed into ``c``; ``(last learning rate, seconds)``."""
+def _train_steps(loop: Loop, epoch: int, c: Counters, bar) -> tuple[float, float | None, float]:
+    """The steps of one epoch, summed into ``c``; ``(last lr, last momentum, seconds)``."""
     t, steps_per_epoch, device = loop.cfg.trainer, loop.steps_per_epoch, loop.step.device
     first_step = loop.start_epoch * steps_per_epoch
     t0 = time.time()
     for i, (x, y) in enumerate(loop.train_loader):
         step = epoch * steps_per_epoch + i
         lr = engine.learning_rate(loop.cfg, step, loop.total_steps)
-        out = _first_step(loop, x, y, lr) if step == first_step else loop.step.step(x, y, lr)
+        m = engine.momentum(loop.cfg, step, loop.total_steps)
+        out = (_first_step(loop, x, y, lr, m) if step == first_step
+               else loop.step.step(x, y, lr, m))
         c.update(step, y, out)
         signals.check()  # SIGTERM/SIGUSR1: stop here (flexexp.signals)
         if bar is not None:
@@ -233,15 +237,16 @@ def _train_steps(loop: Loop, epoch: int, c: Counters, bar) -> tuple[float, float
     c.all_reduce(loop.dist)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return lr, time.time() - t0
+    return lr, m, time.time() - t0
 
 
-def _first_step(loop: Loop, x: torch.Tensor, y: torch.Tensor, lr: float) -> StepResult:
+def _first_step(loop: Loop, x: torch.Tensor, y: torch.Tensor, lr: float,
+                m: float | None) -> StepResult:
     """The run's first step, timed: ``setup_s`` up to it, ``first_step_s`` its duration
     (compilation and graph capture included), ``startup_s`` the process's start-up."""
     loop.record.update(setup_s=time.time() - loop.t_start, startup_s=startup_age())
     t0 = time.time()
-    out = loop.step.step(x, y, lr)
+    out = loop.step.step(x, y, lr, m)
     if loop.step.device.type == "cuda":
         torch.cuda.synchronize(loop.step.device)
     loop.record["first_step_s"] = time.time() - t0

@@ -1,4 +1,4 @@
-"""Config composition, validation messages, cell identity and the LR schedule."""
+"""Config composition, validation messages, cell identity, the LR and momentum schedule."""
 
 import math
 
@@ -8,7 +8,7 @@ from helpers import gamma, make_cfg
 from omegaconf import open_dict
 
 from flexexp.config import GROUPS, cell_hash, cell_name, check_overrides, group_options, validate
-from flexexp.engine import onecycle_lr
+from flexexp.engine import learning_rate, momentum, momentum_key, onecycle_lr, onecycle_momentum
 from flexexp.errors import ConfigError
 from flexexp.models import DOWNSAMPLE_OPTIONS
 
@@ -256,3 +256,66 @@ def test_a_misspelled_option_key_gets_a_suggestion():
         check_overrides(["pool.regg=1"])
     # a preset may select another option than the root config's default: left to Hydra
     check_overrides(["experiment=demo", "optim.momentum=0.5"])
+
+
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+@pytest.mark.parametrize("pct,total,base,top", [(0.3, 100, 0.85, 0.95), (0.25, 37, 0.85, 0.95),
+                                                (0.5, 10, 0.8, 0.9), (0.1, 7, 0.0, 0.99)])
+def test_onecycle_lr_and_momentum_match_torch_step_for_step(opt_name, pct, total, base, top):
+    # torch's OneCycleLR runs the same Python float operations in the same order (the
+    # phase's pct, then end + (start - end) / 2.0 * (cos(pi pct) + 1)) in this process:
+    # every step's lr and beta1/momentum are equal to the bit, so no tolerance is needed
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = (torch.optim.Adam([p], lr=0.1, betas=(0.9, 0.999)) if opt_name == "adam"
+           else torch.optim.SGD([p], lr=0.1, momentum=0.9))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=total,
+                                                pct_start=pct, base_momentum=base,
+                                                max_momentum=top)  # cycle_momentum=True
+    cfg = make_cfg([f"optim={opt_name}", f"sched.pct_start={pct}",
+                    f"sched.base_momentum={base}", f"sched.max_momentum={top}"])
+    validate(cfg)
+    for step in range(total):
+        g = opt.param_groups[0]
+        used = g["betas"][0] if opt_name == "adam" else g["momentum"]
+        assert onecycle_momentum(step, total, pct, base, top) == used, step
+        assert momentum(cfg, step, total) == used and learning_rate(cfg, step, total) == g["lr"]
+        if opt_name == "adam":
+            assert g["betas"][1] == 0.999  # beta2 untouched
+        opt.step()
+        sched.step()
+    assert momentum(cfg, total - 1, total) == top  # back at the top at the last step
+    if pct * total > 1:  # a warm-up of two steps or more starts at the top
+        assert momentum(cfg, 0, total) == top
+
+
+def test_momentum_without_the_cycle_is_the_optimisers_own():
+    for overrides, key, value in ((["sched.cycle_momentum=false"], "beta1", 0.9),
+                                  (["sched=constant", "optim.betas=[0.8,0.99]"], "beta1", 0.8),
+                                  (["optim=sgd", "sched.cycle_momentum=false"], "momentum", 0.9),
+                                  (["optim=sgd", "sched=constant"], "momentum", 0.9)):
+        cfg = make_cfg(overrides)
+        validate(cfg)
+        assert momentum_key(cfg.optim) == key
+        assert {momentum(cfg, s, 50) for s in range(50)} == {value}
+    assert "cycle_momentum" not in make_cfg(["sched=constant"]).sched
+    assert make_cfg([]).sched.cycle_momentum is True  # torch's default
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["sched.base_momentum=0.96"], r"sched.base_momentum=0.96 is above sched.max_momentum=0.95"),
+    (["sched.max_momentum=1.0"], r"sched.max_momentum=1.0 is outside its range \[0, 1\)"),
+    (["sched.base_momentum=-0.1"], r"sched.base_momentum=-0.1 is outside its range \[0, 1\)"),
+    (["sched.cycle_momentum=2"], r"sched.cycle_momentum=2 must be true or false"),
+])
+def test_momentum_cycle_values_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg(overrides))
+
+
+def test_a_constant_schedule_takes_no_momentum_keys():
+    cfg = make_cfg(["sched=constant"])
+    with open_dict(cfg):
+        cfg.sched.cycle_momentum = True
+    with pytest.raises(ConfigError, match=r"schedule 'constant': got an unexpected keyword "
+                                          r"argument 'cycle_momentum'"):
+        validate(cfg)

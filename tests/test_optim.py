@@ -256,3 +256,52 @@ def test_build_optimizer_fuses_only_when_asked_and_the_user_can_say_no():
     assert build_optimizer(make_cfg([]), model, fused=True).param_groups[0]["fused"] is True
     sgd = build_optimizer(make_cfg(["optim=sgd"]), model, fused=True)
     assert sgd.param_groups[0]["fused"] is True
+
+
+def _one_cycle_run(model, opt, steps, total, cfg, torch_sched=None, start=0):
+    """``_train``'s batches with the one-cycle LR and beta1 of each step: set as the
+    trainer sets them (``engine``'s functions), or by torch's OneCycleLR."""
+    from flexexp import engine
+
+    gen = torch.Generator().manual_seed(1)
+    for i in range(start + steps):
+        x, y = torch.randn(8, 3, 8, 8, generator=gen), torch.randint(0, 5, (8,), generator=gen)
+        if i < start:
+            continue
+        if torch_sched is None:
+            m = engine.momentum(cfg, i, total)
+            for g in opt.param_groups:
+                g["lr"] = engine.learning_rate(cfg, i, total)
+                g["betas"] = (m, g["betas"][1])
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        if torch_sched is not None:
+            torch_sched.step()
+
+
+def test_cycled_betas_are_bit_identical_to_torch_onecycle_and_resume_exactly():
+    from helpers import make_cfg
+
+    cfg = make_cfg(["optim.lr=0.01"])  # one-cycle with cycle_momentum (the default)
+    total = 10
+    ours, ref, resumed = _model(), _model(), _model()
+    o_ours = Adam(ours.parameters(), lr=0.01, betas=(0.9, 0.999))
+    o_ref = torch.optim.Adam(ref.parameters(), lr=0.01, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.OneCycleLR(o_ref, max_lr=0.01, total_steps=total)
+    _one_cycle_run(ours, o_ours, 4, total, cfg)
+    _one_cycle_run(ref, o_ref, 4, total, cfg, sched)
+    # a checkpoint after 4 steps: its betas are those of step 3, not the configured ones
+    model_state, opt_state = copy.deepcopy(ours.state_dict()), copy.deepcopy(o_ours.state_dict())
+    assert opt_state["param_groups"][0]["betas"][0] != 0.9
+    _one_cycle_run(ours, o_ours, total - 4, total, cfg, start=4)
+    _one_cycle_run(ref, o_ref, total - 4, total, cfg, sched, start=4)
+    for a, b in zip(ours.parameters(), ref.parameters(), strict=True):
+        assert torch.equal(a, b)
+    # resumed from that checkpoint, each step sets its own beta1 again: the same run
+    resumed.load_state_dict(model_state)
+    o_res = Adam(resumed.parameters(), lr=0.01, betas=(0.9, 0.999))
+    o_res.load_state_dict(opt_state)
+    _one_cycle_run(resumed, o_res, total - 4, total, cfg, start=4)
+    for a, b in zip(ours.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -60,12 +60,15 @@ def test_cli_one_epoch_writes_complete_record_and_tensorboard(tmp_path):
     acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"images": 0})
     acc.Reload()
     tags = acc.Tags()
-    for tag in ("train/loss", "train/lr", "train/penalty", "train/loss_stage1", "test/acc_main",
-                "test/acc_stage2"):
+    for tag in ("train/loss", "train/lr", "train/beta1", "train/penalty", "train/loss_stage1",
+                "test/acc_main", "test/acc_stage2"):
         assert tag in tags["scalars"], tag
+    assert "train/momentum" not in tags["scalars"]  # Adam's is beta1
     # TensorBoard stores float32: one rounding of the record's float64
     assert acc.Scalars("test/acc_main")[0].value == pytest.approx(
         rec["test_acc"], rel=unit_roundoff(torch.float32), abs=0)
+    assert acc.Scalars("train/beta1")[0].value == pytest.approx(
+        rec["history"][0]["beta1"], rel=unit_roundoff(torch.float32), abs=0)
     assert any(t.startswith("flexpool/") for t in tags["images"])
 
     # a second start of the same cell skips it

@@ -29,6 +29,8 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert ra["status"] == rb["status"] == "completed"
     assert ra["test_acc"] == rb["test_acc"]
     assert [h["train_loss"] for h in ra["history"]] == [h["train_loss"] for h in rb["history"]]
+    assert [(h["lr"], h["beta1"]) for h in ra["history"]] == [(h["lr"], h["beta1"])
+                                                              for h in rb["history"]]
     wa, wb = weights(a), weights(b)
     assert wa.keys() == wb.keys()
     for k in wa:
@@ -108,6 +110,33 @@ def test_nan_loss_fails_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     state = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("overrides,key,cycled", [
+    ([], "beta1", True), (["sched.cycle_momentum=false"], "beta1", False),
+    (["optim=sgd"], "momentum", True), (["optim=sgd", "sched=constant"], "momentum", False),
+])
+def test_history_records_the_momentum_of_each_epochs_last_step(tmp_path, overrides, key,
+                                                              cycled):
+    cfg = make_cfg([*TINY, "trainer.epochs=3", *overrides])
+    steps = -(-256 // 64)
+    rec = trainer.run(cfg, tmp_path / "run")
+    total = 3 * steps
+    for e, h in enumerate(rec["history"]):
+        last = (e + 1) * steps - 1
+        assert h["lr"] == engine.learning_rate(cfg, last, total)
+        assert h[key] == engine.momentum(cfg, last, total)
+        assert {"beta1", "momentum"} & h.keys() == {key}  # the optimiser's own only
+    values = [h[key] for h in rec["history"]]
+    configured = cfg.optim.betas[0] if key == "beta1" else cfg.optim.momentum
+    if cycled:  # the LR peaks in epoch 1 (0.85 there), back at 0.95 at the last step
+        assert values[0] < values[1] < values[2] == cfg.sched.max_momentum
+    else:
+        assert values == [configured] * 3
+    # the optimiser used it: the checkpoint's groups hold the last step's value
+    group = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["optimizer"][
+        "param_groups"][0]
+    assert (group["betas"][0] if key == "beta1" else group["momentum"]) == values[-1]
 
 
 @pytest.mark.slow
