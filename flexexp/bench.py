@@ -56,6 +56,7 @@ from flexexp.engine import (
     configure_process,
     learning_rate,
     make_train_loader,
+    momentum,
     resolve_device,
     resolve_speed,
 )
@@ -188,7 +189,9 @@ def _harness_mode(cfg: DictConfig, arrays, device: torch.device) -> Mode:
         for _ in range(n):
             x, y = next(state["it"])
             i = state["step"]
-            counters.update(i, y, step.step(x, y, learning_rate(cfg, i % total, total)))
+            j = i % total
+            counters.update(i, y, step.step(x, y, learning_rate(cfg, j, total),
+                                            momentum(cfg, j, total)))
             state["step"] += 1
 
     return Mode("harness", run, t.batch_size)
