@@ -12,9 +12,10 @@ the main classifier.
 row and column) or a factory ``channels -> pool`` of a 2x2, stride-2 local pool
 (:data:`flexexp.pooling.LOCAL_POOLS`: ``max``, ``avg``, ``gfgp``, ``s3pool``): that conv
 runs at stride 1 and is followed by the pool, and the shortcut is pooled by the same
-pool in the same call (one S3Pool draw, one GFGP lambda for both), so the branch and the
-identity stay aligned. Every option halves ``H`` to ``ceil(H/2)``, so ``stage_shapes``
-do not depend on it.
+pool in the same call (one S3Pool draw for both), so the branch and the identity stay
+aligned; a pool with ``pools_after_block`` (GFGP, where its authors put it) instead lets
+the whole block run at stride 1 and pools its output. Every option halves ``H`` to
+``ceil(H/2)``, so ``stage_shapes`` do not depend on it.
 
 ``block`` chooses the residual block, stem and init: ``he`` (the above, He et al.'s
 conv-BN-ReLU, Kaiming fan-out init) or ``authors`` (the authors' public code, PAPER.md
