@@ -74,7 +74,8 @@ def test_sac_claims_pair_the_same_variant_and_other_settings_are_not_comparable(
         record(runs, "cifar10", "flex", True, seed, 91.0 + seed + 0.1 * seed)
         record(runs, "cifar10", "flex_reg", False, seed, 90.0 + seed, epochs=100)
         record(runs, "cifar10", "flex_reg", True, seed, 95.0 + seed, epochs=4)
-    claims = report(runs, tmp_path / "out")["claims"].set_index(["claim", "dataset"])
+    with pytest.warns(UserWarning, match="differ from flex's in trainer.epochs"):
+        claims = report(runs, tmp_path / "out")["claims"].set_index(["claim", "dataset"])
     assert claims.loc[("SAC improves FlexPool", "cifar10")].verdict == "holds"
     other = claims.loc[("SAC improves FlexPool+Reg", "cifar10")]
     assert other.verdict == "not comparable: differs in trainer.epochs" and other.n_pairs == 0
@@ -97,5 +98,8 @@ def test_each_table_says_which_recipe_its_runs_followed(tmp_path):
     # both under one root: never averaged together, and the report says so
     (runs / "code").mkdir()
     path.rename(runs / "code" / "result.json")
-    with pytest.warns(UserWarning, match="runs of 2 recipes under one root"):
+    with pytest.warns(UserWarning) as caught:
         report(runs, tmp_path / "mixed")
+    text = " ".join(str(w.message) for w in caught)
+    assert "runs of 2 recipes under one root" in text
+    assert "differ from avg's in model" in text  # and the two are not paired
