@@ -75,7 +75,7 @@ def _stats(a: pd.Series, b: pd.Series) -> dict[str, Any]:
         sd = diff.std(ddof=1)
         half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
         out["ci95_low"], out["ci95_high"] = out["mean_diff"] - half, out["mean_diff"] + half
-        if sd > 0:
+        if sd > 1e-4:  # as the report's significance tables: equal differences, no p
             out["p_value"] = float(stats.ttest_1samp(diff, 0.0).pvalue)
     return out
 

@@ -190,12 +190,12 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _validate_trainer(cfg: DictConfig) -> None:
-    if cfg.trainer.device not in ("auto", "cpu", "cuda") and not str(
-        cfg.trainer.device
-    ).startswith("cuda:"):
+    if cfg.trainer.device not in ("auto", "cpu", "cuda") and not re.fullmatch(
+        r"cuda:\d+", str(cfg.trainer.device)
+    ):
         raise ConfigError(
             f"trainer.device={cfg.trainer.device!r} is not a device: use trainer.device=auto "
-            "(GPU when there is one), trainer.device=cpu or trainer.device=cuda."
+            "(GPU when there is one), trainer.device=cpu, trainer.device=cuda or cuda:K (GPU K)."
         )
     if cfg.trainer.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise ConfigError(

@@ -155,7 +155,14 @@ def resolve_device(name: str, gpu: int | None = None) -> torch.device:
         )
     if name == "cuda" and gpu is not None:
         return torch.device("cuda", gpu)
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"trainer.device={name} but this machine has {torch.cuda.device_count()} GPU(s) "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}): use one of them, or "
+            "trainer.device=auto.")
+    return device
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -313,6 +320,12 @@ def make_train_loader(cfg: DictConfig, arrays: ImageArrays, device: torch.device
             f"trainer.batch_size={t.batch_size} is not divisible by the {dist.world} processes "
             "of this torchrun job: each takes an equal share of every batch."
         )
+    if (t.batch_size == 1 or n_train % t.batch_size == 1) and _vector_batchnorm(cfg):
+        raise ConfigError(
+            f"{n_train} training images in batches of {t.batch_size} leave a batch of one "
+            "image, and GFGP's guide (guide=original) has BatchNorm layers on one value per "
+            "channel, which cannot train on a single image: choose trainer.batch_size so that "
+            f"{n_train} % batch_size != 1, or the guide without BatchNorm (guide=simple).")
     gen = torch.Generator(device=device).manual_seed(cfg.seed)  # same order on every rank
     aug_gen = (torch.Generator(device=device).manual_seed(cfg.seed * 7919 + dist.rank)
                if dist.world > 1 else None)
@@ -322,6 +335,13 @@ def make_train_loader(cfg: DictConfig, arrays: ImageArrays, device: torch.device
                           rank=dist.rank, world=dist.world, aug_generator=aug_gen,
                           drop_last=dist.world > 1)
     return loader, gen
+
+
+def _vector_batchnorm(cfg: DictConfig) -> bool:
+    """Whether the model has BatchNorm on pooled vectors (GFGP's original guide)."""
+    local = (cfg.model.local_pool_args.get("gfgp") or {}).get("guide", "original")
+    return ((cfg.pool.get("layer") == "gfgp" and cfg.pool.get("guide", "original") == "original")
+            or (cfg.model.downsample == "gfgp" and local == "original"))
 
 
 def make_test_loader(cfg: DictConfig, arrays: ImageArrays, device: torch.device,

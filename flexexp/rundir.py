@@ -149,10 +149,11 @@ def hydra_files(cfg: DictConfig, hydra_cfg: DictConfig) -> dict[str, str]:
 
 def remove_unclaimed(run_dir: Path, root: Path) -> None:
     """Remove a run directory that Hydra made for a run refused before it started (nothing
-    in it but Hydra's ``train.log``), and its empty parents below ``root``."""
-    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {"train.log"}:
+    in it but Hydra's ``train.log`` and the lock), and its empty parents below ``root``."""
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} - {"train.log", ".lock"}:
         return
-    (run_dir / "train.log").unlink(missing_ok=True)
+    for name in ("train.log", ".lock"):
+        (run_dir / name).unlink(missing_ok=True)
     root = root.resolve()
     d = run_dir.resolve()
     while d != root and root in d.parents:
@@ -238,7 +239,8 @@ def runtime_record(t: DictConfig, step: TrainStep, world: int,
         "world_size": world,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
         else platform.processor() or platform.machine(),
-        **step.speed.record(),
+        **step.speed.record(),  # fused_optimizer: what the optimiser really does
+        "fused_optimizer": any(bool(g.get("fused")) for g in step.optimizer.param_groups),
         "deterministic": bool(t.deterministic),
         "gpu_policy": str(t.gpu_policy) if gpu_chosen else None,
         "keep_heap": heap_kept(),
@@ -330,8 +332,20 @@ def restore(state: dict[str, Any], step: TrainStep,
 
     Returns ``(epochs done, history, training seconds so far)``.
     """
+    ran = state.get("ran_on")  # where and how the checkpoint was trained
+    here = {"device": step.device.type, "precision": step.speed.record()["precision"]}
+    if ran is not None and ran != here:
+        raise ConfigError(
+            f"last.pt was trained on {ran['device']} at {ran['precision']}, this run is on "
+            f"{here['device']} at {here['precision']} (trainer.device and trainer.precision "
+            "auto follow the machine): resuming would mix the two in one run. Resume it where "
+            "it started (or set trainer.precision and trainer.device to what it used), or "
+            "delete last.pt to train this cell again here.")
     step.model.load_state_dict(state["model"])
+    fused = [g.get("fused") for g in step.optimizer.param_groups]
     step.optimizer.load_state_dict(state["optimizer"])
+    for g, f in zip(step.optimizer.param_groups, fused, strict=True):
+        g["fused"] = f  # a speed setting of this machine, not of the checkpoint's (SGD)
     step.scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])
     gen.set_state(state["rng_data"].to(gen.get_state().device))
@@ -360,6 +374,7 @@ def save_state(run_dir: Path, step: TrainStep, gen: torch.Generator, epoch: int,
             f"{epoch - 1} is kept. Lower optim.lr and start the run again.")
     save_checkpoint(run_dir / CHECKPOINT_FILE, {
         "model": state,
+        "ran_on": {"device": device.type, "precision": step.speed.record()["precision"]},
         "optimizer": step.optimizer.state_dict(),
         "scaler": step.scaler.state_dict(),
         "epoch": epoch,

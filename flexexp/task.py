@@ -83,6 +83,7 @@ def _failed(cfg: DictConfig, out: Path, exc: Exception, sweep: bool) -> None:
         rundir.remove_unclaimed(out, Path(cfg.paths.runs))
         console.to_log_file(message)
         print(f"\nerror: {message}", file=sys.stderr)
+        signals.redeliver()  # a scheduler's signal that came first still ends the process
         sys.exit(2)
     path = out / RESULT_FILE
     # refused before it started: record it, over nothing but a record of ours that did not
@@ -96,6 +97,7 @@ def _failed(cfg: DictConfig, out: Path, exc: Exception, sweep: bool) -> None:
                                  time.time())
     _say(f"{out}: {message}")
     note(out, "failed", message)
+    signals.redeliver()  # a scheduler's signal that came before the failure still counts
     return None
 
 

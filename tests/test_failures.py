@@ -335,12 +335,12 @@ def test_two_sweeps_sharing_cells_both_succeed(tmp_path):
 
 def test_an_error_is_printed_once_and_kept_in_the_log(tmp_path):
     runs = tmp_path / "runs"
-    proc = run_cli(["dataset=cifar10", f"dataset.root={tmp_path / 'none'}",
-                    "dataset.download=false", f"paths.runs={runs}"], cwd=tmp_path)
+    proc = run_cli([*TINY, "sched=constant", "optim.lr=1e6", f"paths.runs={runs}"],
+                   cwd=tmp_path)  # diverges in its first epoch, after the cell was claimed
     assert proc.returncode == 2
     text = proc.stdout + proc.stderr
     first = proc.stderr.strip().splitlines()[-1].removeprefix("error: ")[:60]
-    assert text.count(first) == 1, text[-2000:]
+    assert "diverged" in first and text.count(first) == 1, text[-2000:]
     logs = list(runs.rglob("train.log"))
     assert len(logs) == 1 and logs[0].read_text().count(first) == 1
 
@@ -439,3 +439,58 @@ def test_the_data_command_checks_ranges_and_names_unknown_commands(tmp_path):
     assert "Traceback" not in proc.stderr
     proc = run_cli(["frob", "dataset=digits"], cwd=tmp_path, module="flexexp.data")
     assert proc.returncode == 2 and "unknown command 'frob'" in proc.stderr
+
+
+# ==================================================================== found by a review
+
+
+def test_a_batch_of_one_with_gfgps_batchnorm_is_refused_before_training(tmp_path):
+    # 256 images in batches of 85: the last batch holds one image
+    cfg = make_cfg([*TINY, "pool=gfgp", "trainer.batch_size=85"])
+    with pytest.raises(ConfigError, match="leave a batch of one image.*guide=simple"):
+        trainer.run(cfg, tmp_path / "run")
+    assert trainer.run(make_cfg([*TINY, "pool=gfgp", "pool.guide=simple",
+                                 "trainer.batch_size=85"]), tmp_path / "ok")["status"] \
+        == "completed"
+
+
+def test_a_checkpoint_of_another_device_or_precision_is_not_resumed(tmp_path, monkeypatch):
+    cfg = make_cfg([*TINY, "trainer.epochs=2"])
+    real_evaluate = engine.evaluate
+    calls = {"n": 0}
+
+    def dying_evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "evaluate", dying_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run(cfg, tmp_path / "run")
+    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert ckpt["ran_on"] == {"device": "cpu", "precision": "float32"}
+    ckpt["ran_on"] = {"device": "cuda", "precision": "bfloat16"}  # as a GPU run leaves it
+    torch.save(ckpt, tmp_path / "run" / "last.pt")
+    with pytest.raises(ConfigError, match="trained on cuda at bfloat16, this run is on cpu at "
+                                          "float32.*delete last.pt"):
+        trainer.run(cfg, tmp_path / "run")
+
+
+def test_a_gpu_index_that_does_not_exist_is_refused(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="this machine has 2 GPU"):
+        engine.resolve_device("cuda:5")
+    with pytest.raises(ConfigError, match="is not a device"):
+        validate(make_cfg(["trainer.device=cuda:abc"]))
+
+
+def test_a_refused_run_leaves_no_folder_even_after_taking_its_lock(tmp_path):
+    runs = tmp_path / "runs"
+    proc = run_cli(["dataset=cifar10", f"dataset.root={tmp_path / 'none'}",
+                    "dataset.download=false", "trainer.device=cpu", f"paths.runs={runs}"],
+                   cwd=tmp_path)
+    assert proc.returncode == 2
+    assert [p for p in runs.rglob("*") if p.is_file()] == [] or not runs.exists()
