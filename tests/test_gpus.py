@@ -66,6 +66,7 @@ def test_hold_gpu_chooses_only_where_there_is_a_choice(tmp_path, monkeypatch, de
 
 def test_the_chosen_gpu_becomes_the_device(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     assert engine.resolve_device("auto", 2) == torch.device("cuda", 2)
     assert engine.resolve_device("cuda", 1) == torch.device("cuda", 1)
     assert engine.resolve_device("cuda:3", 1) == torch.device("cuda", 3)  # named: kept
