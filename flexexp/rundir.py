@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from flexexp.config import cell_config
 from flexexp.engine import Dist, TrainStep
 from flexexp.errors import ConfigError, FlexexpError
+from flexexp.files import diff_keys  # torch-free: the report uses it too
 from flexexp.runtime import heap_kept
 from flexexp.tracking import (
     CELL_FILE,
@@ -162,16 +163,6 @@ def remove_unclaimed(run_dir: Path, root: Path) -> None:
         except OSError:  # not empty: another run lives there
             break
         d = d.parent
-
-
-def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """The dotted keys where two nested dicts differ, sorted (``["trainer.epochs"]``)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out = []
-        for k in sorted(set(a) | set(b)):
-            out += diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-        return out
-    return [] if a == b else [prefix.rstrip(".")]
 
 
 # ---------------------------------------------------------------------------- the record
