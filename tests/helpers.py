@@ -169,6 +169,27 @@ DeviceLoader.__iter__ = _dying_iter
 """
 
 
+def interrupt_in_epoch_2(cfg, run_dir: Path, monkeypatch) -> None:
+    """Run ``cfg`` in ``run_dir`` in this process and stop it with a KeyboardInterrupt in
+    epoch 2's evaluation, after epoch 1's checkpoint (a kill at a fixed step, in-process)."""
+    import pytest
+
+    from flexexp import engine, trainer
+
+    real_evaluate, calls = engine.evaluate, {"n": 0}
+
+    def dying_evaluate(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real_evaluate(*args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "evaluate", dying_evaluate)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.run(cfg, run_dir)
+
+
 def only_run_dir(runs: Path) -> Path:
     """The one run directory under ``runs`` (the folder of its ``cell.json``)."""
     dirs = [p.parent for p in runs.rglob("cell.json")]

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY, make_cfg, only_run_dir, run_cli, start_train
+from helpers import (
+    REPO,
+    TINY,
+    interrupt_in_epoch_2,
+    make_cfg,
+    only_run_dir,
+    run_cli,
+    start_train,
+)
 
 from flexexp import engine, reuse, rundir, trainer
 from flexexp.config import validate
@@ -120,20 +128,8 @@ def test_a_completed_cell_is_not_skipped_for_other_data(tmp_path, monkeypatch):
 
 def test_a_checkpoint_of_other_data_is_not_resumed(tmp_path, monkeypatch):
     cfg = make_cfg([*TINY, "trainer.epochs=2"])
-    real_evaluate = engine.evaluate
-    calls = {"n": 0}
-
-    def dying_evaluate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate", dying_evaluate)
     reuse.clear()
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(cfg, tmp_path / "run")
-    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    interrupt_in_epoch_2(cfg, tmp_path / "run", monkeypatch)
     _other_synthetic(monkeypatch)
     with pytest.raises(ConfigError, match="belongs to another config or other data"):
         trainer.run(cfg, tmp_path / "run")
@@ -404,20 +400,8 @@ def test_a_gpu_that_is_not_there_writes_nothing(tmp_path):
 
 def test_a_completed_resume_drops_the_old_traceback(tmp_path, monkeypatch):
     cfg = make_cfg([*TINY, "trainer.epochs=2"])
-    real_evaluate = engine.evaluate
-    calls = {"n": 0}
-
-    def dying_evaluate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate", dying_evaluate)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(cfg, tmp_path / "run")
+    interrupt_in_epoch_2(cfg, tmp_path / "run", monkeypatch)
     assert (tmp_path / "run" / "error.txt").exists()
-    monkeypatch.setattr(engine, "evaluate", real_evaluate)
     assert trainer.run(cfg, tmp_path / "run")["status"] == "completed"
     assert not (tmp_path / "run" / "error.txt").exists()
 
@@ -456,19 +440,7 @@ def test_a_batch_of_one_with_gfgps_batchnorm_is_refused_before_training(tmp_path
 
 def test_a_checkpoint_of_another_device_or_precision_is_not_resumed(tmp_path, monkeypatch):
     cfg = make_cfg([*TINY, "trainer.epochs=2"])
-    real_evaluate = engine.evaluate
-    calls = {"n": 0}
-
-    def dying_evaluate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate", dying_evaluate)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(cfg, tmp_path / "run")
-    monkeypatch.setattr(engine, "evaluate", real_evaluate)
+    interrupt_in_epoch_2(cfg, tmp_path / "run", monkeypatch)
     ckpt = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
     assert ckpt["ran_on"] == {"device": "cpu", "precision": "float32"}
     ckpt["ran_on"] = {"device": "cuda", "precision": "bfloat16"}  # as a GPU run leaves it

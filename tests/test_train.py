@@ -18,6 +18,7 @@ from helpers import (
     KILL_MID_EPOCH_2,
     TINY,
     approx_csv,
+    interrupt_in_epoch_2,
     make_cfg,
     only_run_dir,
     run_cli,
@@ -25,7 +26,7 @@ from helpers import (
     unit_roundoff,
 )
 
-from flexexp import engine, trainer
+from flexexp import trainer
 from flexexp.config import cell_name
 from flexexp.models import DOWNSAMPLE_OPTIONS
 from flexexp.tracking import read_json
@@ -101,23 +102,11 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, monkeypatch):
     ref = trainer.run(cfg, tmp_path / "ref")
     ref_state = torch.load(tmp_path / "ref" / "last.pt", weights_only=True)
 
-    calls = {"n": 0}
-    real_evaluate = engine.evaluate
-
-    def dying_evaluate(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:  # dies during epoch 2, after epoch 1's checkpoint
-            raise KeyboardInterrupt("simulated kill")
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "evaluate", dying_evaluate)
-    with pytest.raises(KeyboardInterrupt):
-        trainer.run(cfg, tmp_path / "cut")
+    interrupt_in_epoch_2(cfg, tmp_path / "cut", monkeypatch)  # after epoch 1's checkpoint
     rec = read_json(tmp_path / "cut" / "result.json")
     assert rec["status"] == "interrupted" and "simulated kill" in rec["error"]
     assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 1
 
-    monkeypatch.setattr(engine, "evaluate", real_evaluate)
     resumed = trainer.run(cfg, tmp_path / "cut")
     assert resumed["status"] == "completed"
     assert resumed["test_acc"] == ref["test_acc"]
