@@ -146,27 +146,33 @@ def run_cli(args: list[str], cwd: Path, module: str = "flexexp.train",
                           capture_output=True, text=True, timeout=timeout)
 
 
-#: Code for :func:`start_train`: SIGKILL the run at the third batch of its second epoch,
-#: right after its first checkpoint, at the same step on any machine however fast (a
-#: timed kill can land after a fast machine has finished the run).
-KILL_MID_EPOCH_2 = """
+def signal_mid_epoch_2(name: str) -> str:
+    """Code for :func:`start_train`: send this process signal ``name`` (``"SIGKILL"``,
+    ``"SIGTERM"``, ...) at the third batch of its second epoch, right after its first
+    checkpoint: at the same step on any machine however fast (a timed kill can land after a
+    fast machine has finished the run)."""
+    return f"""
 import os, signal
 import flexexp.tracking as tracking
 from flexexp.data.loader import DeviceLoader
-_saved = {"n": 0}
+_saved = {{"n": 0}}
 _real_write, _real_iter = tracking.atomic_write_bytes, DeviceLoader.__iter__
 def _counting_write(path, data):
     _real_write(path, data)
     if str(path).endswith("last.pt"):
         _saved["n"] += 1
-def _dying_iter(self):
+def _signalled_iter(self):
     for i, batch in enumerate(_real_iter(self)):
         if self.train and _saved["n"] >= 1 and i == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
+            os.kill(os.getpid(), signal.{name})
         yield batch
 tracking.atomic_write_bytes = _counting_write
-DeviceLoader.__iter__ = _dying_iter
+DeviceLoader.__iter__ = _signalled_iter
 """
+
+
+#: Code for :func:`start_train`: SIGKILL the run at the third batch of its second epoch.
+KILL_MID_EPOCH_2 = signal_mid_epoch_2("SIGKILL")
 
 
 def interrupt_in_epoch_2(cfg, run_dir: Path, monkeypatch) -> None:

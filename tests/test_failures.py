@@ -25,6 +25,7 @@ from helpers import (
     make_cfg,
     only_run_dir,
     run_cli,
+    signal_mid_epoch_2,
     start_train,
 )
 
@@ -193,24 +194,6 @@ def test_a_refused_value_leaves_no_run_directory(tmp_path):
 
 # ==================================================================== 5. signals
 
-SIGNAL_MID_EPOCH_2 = """
-import os, signal
-import flexexp.tracking as tracking
-from flexexp.data.loader import DeviceLoader
-_saved = {{"n": 0}}
-_real_write, _real_iter = tracking.atomic_write_bytes, DeviceLoader.__iter__
-def _counting_write(path, data):
-    _real_write(path, data)
-    if str(path).endswith("last.pt"):
-        _saved["n"] += 1
-def _signalled_iter(self):
-    for i, batch in enumerate(_real_iter(self)):
-        if self.train and _saved["n"] >= 1 and i == 2:
-            os.kill(os.getpid(), signal.{name})
-        yield batch
-tracking.atomic_write_bytes = _counting_write
-DeviceLoader.__iter__ = _signalled_iter
-"""
 LONG = [*TINY, "trainer.epochs=3", "dataset.train_size=512", "pool=flex_reg", "sac=on"]
 
 
@@ -221,7 +204,7 @@ def test_a_scheduler_signal_records_interrupted_and_the_rerun_resumes_exactly(tm
     ref = run_cli([*LONG, f"paths.runs={ref_runs}"], cwd=tmp_path)
     assert ref.returncode == 0, ref.stderr[-2000:]
     proc = start_train([*LONG, f"paths.runs={runs}"], tmp_path,
-                       SIGNAL_MID_EPOCH_2.format(name=name))
+                       signal_mid_epoch_2(name))
     _, err = proc.communicate(timeout=300)
     signum = getattr(signal, name)
     assert proc.returncode == -signum, err[-2000:]  # ended by the signal: a requeue sees it
@@ -408,7 +391,7 @@ def test_a_completed_resume_drops_the_old_traceback(tmp_path, monkeypatch):
 
 def test_ctrl_c_is_one_line_and_the_record_says_interrupted(tmp_path):
     runs = tmp_path / "runs"
-    code = SIGNAL_MID_EPOCH_2.format(name="SIGINT")
+    code = signal_mid_epoch_2("SIGINT")
     proc = start_train([*LONG, f"paths.runs={runs}"], tmp_path, code)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err[-2000:]
