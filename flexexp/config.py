@@ -25,7 +25,8 @@ from flexexp.errors import ConfigError
 from flexexp.schema import Config
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ("dataset", "model", "pool", "sac", "optim", "sched", "trainer", "experiment")
+GROUPS = ("dataset", "model", "pool", "sac", "optim", "sched", "trainer", "logger",
+          "experiment")
 
 
 def compose_config(overrides: list[str], return_hydra_config: bool = False) -> DictConfig:
@@ -55,6 +56,7 @@ def register_configs() -> None:
 #: out of the cell identity so a run can move machines and still resume.
 RUNTIME_KEYS = (
     "paths",
+    "logger",
     "trainer.device",
     "trainer.threads",
     "trainer.progress",
@@ -187,6 +189,9 @@ def validate(cfg: DictConfig) -> None:
     _validate_optim(cfg)
     _validate_sched(cfg)
     _validate_sac(cfg)
+    from flexexp.trackers import validate_logger
+
+    validate_logger(cfg)
 
 
 def _validate_trainer(cfg: DictConfig) -> None:
@@ -509,7 +514,9 @@ def _check_group_choice(text: str, top: str, value: str, conf_dir: Path,
                         extra_dirs: list[Path]) -> None:
     """Every option a group override names (one, or a sweep's list) must exist."""
     options = sorted({o for d in (conf_dir, *extra_dirs) for o in group_options(top, d)})
-    if value.startswith("["):
+    if value.startswith("[") and top in LIST_GROUPS:  # several at once: logger=[a,b]
+        value = value.strip("[]")
+    elif value.startswith("["):
         raise ConfigError(
             f"override {text!r} gives the config group {top!r} a list; a group takes "
             f"one option name ({', '.join(options)}). To sweep several, run with -m "
@@ -524,7 +531,9 @@ def _check_group_choice(text: str, top: str, value: str, conf_dir: Path,
 
 
 #: Config sections whose keys depend on the option chosen (each option's YAML lists them).
-OPEN_GROUPS = ("pool", "optim", "sched")
+OPEN_GROUPS = ("pool", "optim", "sched", "logger")
+#: Groups that take a list of options, merged: ``logger=[tensorboard,mlflow]``.
+LIST_GROUPS = ("logger",)
 
 
 def _chosen_option(group: str, overrides: list[str], conf_dir: Path) -> str | None:
@@ -556,12 +565,23 @@ def _check_open_key(text: str, parts: list[str], overrides: list[str], dirs: lis
     if parts[1] not in keys:
         close = difflib.get_close_matches(parts[1], keys, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
+        if top == "logger":
+            raise ConfigError(_logger_key_error(text, parts[1], option, path.parent, hint))
         raise ConfigError(
             f"override {text!r}: {top}={option} has no key {parts[1]!r}.{hint} Its keys are "
             f"{', '.join(keys)}. To pass another keyword argument that its layer, optimiser "
             f"or schedule takes, copy {path} under a new name into your config folder (found "
             f"through hydra.searchpath), add the key there and select it with {top}=<new name>."
         )
+
+
+def _logger_key_error(text: str, key: str, option: str, folder: Path, hint: str) -> str:
+    """``logger.<key>`` that the chosen tracker lacks: name the trackers that have it."""
+    owners = sorted(p.stem for p in folder.glob("*.yaml") if key in OmegaConf.load(p))
+    fix = (f"it is a setting of logger={' / '.join(owners)}: choose that tracker too, e.g. "
+           f"logger=[{option},{owners[0]}]" if owners else "no tracker has it")
+    return (f"override {text!r}: logger={option} has no key {key!r}; {fix}.{hint} See "
+            "README, Tracking and tuning.")
 
 
 _SCALARS = {

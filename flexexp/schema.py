@@ -96,4 +96,7 @@ class Config:
     sched: dict[str, Any] = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    # trackers: {tensorboard|csv|mlflow|wandb: true}, then the chosen trackers' settings
+    # (conf/logger/*.yaml; flexexp.trackers checks them)
+    logger: dict[str, Any] = MISSING
     seed: int = MISSING

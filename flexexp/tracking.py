@@ -1,4 +1,5 @@
-"""What a run leaves on disk: checkpoints, provenance, TensorBoard (files via :mod:`.files`)."""
+"""What a run leaves on disk: checkpoints and provenance (files via :mod:`.files`; the
+trackers, TensorBoard included, are :mod:`.trackers`)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ __all__ = [
     "git_commit",
     "process_age",
     "startup_age",
-    "TensorBoardLogger",
 ]
 
 RESULT_FILE = "result.json"
@@ -106,61 +106,3 @@ def process_age() -> float:
         return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):
         return time.time() - _IMPORTED_AT
-
-
-class TensorBoardLogger:
-    """Scalars and FlexPool weight pictures under ``<run_dir>/tb``; a no-op when disabled."""
-
-    def __init__(self, log_dir: Path | None) -> None:
-        self.writer = None
-        if log_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(log_dir))
-
-    def scalars(self, values: dict[str, float | None], step: int) -> None:
-        if self.writer is None:
-            return
-        for tag, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(tag, value, step)
-
-    def epoch(self, e: dict[str, Any], model: torch.nn.Module, step: int) -> None:
-        """An epoch's history entry ``e`` as scalars; with its test accuracies, the
-        FlexPool weights of ``model`` (its ``flex_pools()``) as pictures too."""
-        scalars = {
-            "train/loss": e["train_loss"],
-            "train/acc": e["train_acc"],
-            "train/lr": e["lr"],
-            "train/beta1": e.get("beta1"),  # Adam (None: not logged)
-            "train/momentum": e.get("momentum"),  # SGD
-            "train/penalty": e["penalty"],
-            "train/images_per_s": e["images_per_s"],
-            **{f"train/loss_{h}": v for h, v in e["train_loss_heads"].items()},
-        }
-        if "test_acc" in e:
-            scalars["test/acc_main"] = e["test_acc"]
-            scalars.update({f"test/acc_{h}": v for h, v in e["test_acc_aux"].items()})
-            scalars["test/top5_main"] = e.get("test_top5")
-            scalars.update({f"test/top5_{h}": v for h, v in e.get("test_top5_aux", {}).items()})
-            self.flex_weights(model.flex_pools(), step)
-        self.scalars(scalars, step)
-
-    def flex_weights(self, pools: list[tuple[str, torch.nn.Module]], step: int) -> None:
-        """One picture per FlexPool: a grid of its per-channel weight maps, min-max scaled."""
-        if self.writer is None or not pools:
-            return
-        from torchvision.utils import make_grid
-
-        for name, pool in pools:
-            w = pool.effective_weight().detach().float().cpu()  # (C, H, W)
-            lo, hi = w.min(), w.max()
-            img = (w - lo) / (hi - lo) if hi > lo else torch.full_like(w, 0.5)
-            grid = make_grid(img[:, None], nrow=int(len(w) ** 0.5 + 0.999), padding=1,
-                             pad_value=1.0)
-            self.writer.add_image(f"flexpool/{name}", grid, step)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()

@@ -21,13 +21,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from flexexp import console, engine, gpus, reuse, rundir, signals
-from flexexp.config import cell_hash, validate
+from flexexp.config import cell_hash, cell_name, validate
 from flexexp.data.loader import DeviceLoader
 from flexexp.data.sources import load_arrays
 from flexexp.engine import Counters, Dist, StepResult, TrainStep
 from flexexp.errors import DivergenceError
 from flexexp.models import build_model
-from flexexp.tracking import CHECKPOINT_FILE, TensorBoardLogger, startup_age
+from flexexp.trackers import Trackers
+from flexexp.tracking import CHECKPOINT_FILE, startup_age
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class Loop:
     test_loader: DeviceLoader
     gen: torch.Generator  # the data order: checkpointed, so a resumed run sees the same
     t_start: float  # the cell's start: setup_s is measured from it
-    tb: TensorBoardLogger | None = None
+    trackers: Trackers | None = None  # logger=...: TensorBoard, CSV, MLflow, W&B
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     train_time: float = 0.0
@@ -119,24 +120,28 @@ def _run_cell(cfg: DictConfig, run_dir: Path, cell: str, dist: Dist, gpu: int | 
         rundir.claim(cfg, run_dir, cell, hydra_files)
     record = rundir.new_record(cfg, run_dir, cell)
     record.update(data_fingerprint=fingerprint, data_root=str(Path(cfg.dataset.root).resolve()))
+    trackers = Trackers(cfg, run_dir, cell_name(cfg), dist.main)  # resumed: the same runs
     try:
-        record.update(fit(setup(cfg, run_dir, record, dist, gpu, data, started)))
+        trackers.open()
+        record.update(fit(setup(cfg, run_dir, record, dist, gpu, data, started, trackers)))
         record["status"] = "completed"
     except BaseException as exc:  # KeyboardInterrupt too: the record says what happened
         if not dist.main:
             raise
         rundir.write_failure(run_dir, record, exc, started)
+        trackers.finish(record["status"], record)
         raise
     record["config"] = OmegaConf.to_container(cfg, resolve=True)
     if dist.main:
         rundir.write_result(run_dir, record)  # last: only a finished run has status completed
+        trackers.finish("completed", record)
         log.info("%s", console.done_line(record))
     return record
 
 
 def setup(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist,
           gpu: int | None = None, data: tuple[Any, bool] | None = None,
-          t_start: float | None = None) -> Loop:
+          t_start: float | None = None, trackers: Trackers | None = None) -> Loop:
     """Device, data, model and step of the run, resumed from ``last.pt`` if there is one.
     In a sweep, the data and the compiled model come from the cell before when the same
     (:mod:`flexexp.reuse`)."""
@@ -157,7 +162,7 @@ def setup(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist,
     record.update(rundir.runtime_record(cfg.trainer, step, dist.world, gpu is not None),
                   resumed_from_epoch=loop.start_epoch or None,
                   setup_reused={"data": data_reused, "model": model_reused})
-    loop.tb = TensorBoardLogger(run_dir / "tb" if dist.main else None)
+    loop.trackers = trackers or Trackers(cfg, run_dir, "", on=False)
     log.info("%s", rundir.summary(record, cfg, len(arrays.y_train), len(arrays.y_test),
                                   loop.steps_per_epoch))
     return loop
@@ -172,20 +177,18 @@ def fit(loop: Loop) -> dict[str, Any]:
     Every epoch: train it, evaluate, log, checkpoint. Under torchrun every rank trains
     its share and rank 0 alone evaluates, logs and checkpoints.
     """
-    try:
-        for epoch in range(loop.start_epoch, loop.cfg.trainer.epochs):
-            bar = _progress(loop, epoch)
-            entry = _train_epoch(loop, epoch, bar)
-            if loop.dist.main:
-                _evaluate(loop, epoch, entry)
-            loop.history.append(entry)
-            if loop.dist.main:
-                _log_epoch(loop, entry, bar, epoch + 1)
-                rundir.save_state(loop.run_dir, loop.step, loop.gen, epoch + 1,
-                                  loop.steps_per_epoch, loop.history, loop.train_time,
-                                  loop.checkpoint_key)
-    finally:
-        loop.tb.close()
+    for epoch in range(loop.start_epoch, loop.cfg.trainer.epochs):
+        bar = _progress(loop, epoch)
+        entry = _train_epoch(loop, epoch, bar)
+        if loop.dist.main:
+            _evaluate(loop, epoch, entry)
+        loop.history.append(entry)
+        if loop.dist.main:
+            _log_epoch(loop, entry, bar, epoch + 1)
+            rundir.save_state(loop.run_dir, loop.step, loop.gen, epoch + 1,
+                              loop.steps_per_epoch, loop.history, loop.train_time,
+                              loop.checkpoint_key)
+            loop.trackers.epochs(loop.history, loop.step.model)  # after the checkpoint
     return rundir.results(loop.history, loop.train_time, time.time() - loop.t_start)
 
 
@@ -280,10 +283,9 @@ def _evaluate(loop: Loop, epoch: int, entry: dict[str, Any]) -> None:
 
 
 def _log_epoch(loop: Loop, e: dict[str, Any], bar, epoch: int) -> None:
-    """The epoch on the progress bar, in TensorBoard and in one log line."""
+    """The epoch on the progress bar and in one log line (trackers: after its checkpoint)."""
     if bar is not None:
         bar.close()
-    loop.tb.epoch(e, loop.step.model, epoch)
     log.info("%s", console.epoch_line(e, epoch, loop.cfg.trainer.epochs))
 
 
