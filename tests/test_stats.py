@@ -79,7 +79,7 @@ def test_bootstrap_interval_is_scipys_with_the_fixed_seed():
 
 def test_bootstrap_interval_contains_the_mean_and_stays_within_the_data():
     lo, hi = bootstrap_interval(DIFFS)
-    mean = sum(DIFFS) / len(DIFFS)  # 1.1 to one rounding; the interval is ~1 wide
+    mean = sum(DIFFS) / len(DIFFS)  # 1.1 to one rounding, far inside the interval
     assert lo < mean < hi
     # percentiles of resample means: each a mean of 5 values in [min, max], computed with
     # at most 6 roundings relative to max|d|
