@@ -2,7 +2,9 @@
 
 Each claim compares two cells of the same dataset, paired by seed: ``b`` beats ``a``.
 The paper's own difference (from its Tables 1 and 2) stands beside ours: the mean paired
-difference over seeds, its 95% t-interval and the paired t-test's p-value. The verdict:
+difference over seeds, its 95% t-interval and the paired t-test's p-value; after them (not
+read by the verdict) the bootstrap 95% interval of that mean and the probability of
+improvement ``P(b > a)`` over the seeds (:mod:`flexexp.pairstats`). The verdict:
 
 - **holds**: the interval lies above 0 (the same direction as the paper, beyond seed noise);
 - **reversed**: the interval lies below 0;
@@ -25,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from flexexp import pairstats
 from flexexp.files import diff_keys
 
 __all__ = ["CLAIMS", "CLAIM_COLUMNS", "MIN_SEEDS", "build_claims", "verdict", "claims_markdown"]
@@ -48,7 +51,7 @@ def _claims() -> list[tuple[str, tuple[str, bool], tuple[str, bool]]]:
 
 CLAIMS = _claims()
 CLAIM_COLUMNS = ["claim", "dataset", "paper_diff", "n_pairs", "mean_diff", "ci95_low",
-                 "ci95_high", "p_value", "verdict"]
+                 "ci95_high", "p_value", "verdict", *pairstats.BOOT_COLUMNS]
 
 
 def verdict(n: int, low: float, high: float) -> str:
@@ -77,7 +80,7 @@ def _stats(a: pd.Series, b: pd.Series) -> dict[str, Any]:
         out["ci95_low"], out["ci95_high"] = out["mean_diff"] - half, out["mean_diff"] + half
         if sd > 1e-4:  # as the report's significance tables: equal differences, no p
             out["p_value"] = float(stats.ttest_1samp(diff, 0.0).pvalue)
-    return out
+    return {**out, **pairstats.paired_extras(a, b)}
 
 
 def _paper(paper: dict[bool, pd.DataFrame], ds: str, a: tuple[str, bool],
@@ -110,7 +113,8 @@ def build_claims(done: pd.DataFrame, paper: dict[bool, pd.DataFrame]) -> pd.Data
             if keys:
                 rows.append({**row, "n_pairs": 0, "mean_diff": math.nan, "ci95_low": math.nan,
                              "ci95_high": math.nan, "p_value": math.nan,
-                             "verdict": f"not comparable: differs in {', '.join(keys)}"})
+                             "verdict": f"not comparable: differs in {', '.join(keys)}",
+                             **pairstats.EMPTY_EXTRAS})
                 continue
             s = _stats(*(c.set_index("seed")["test_acc"] for c in cells))
             rows.append({**row, **s, "verdict": verdict(s["n_pairs"], s["ci95_low"],
@@ -124,20 +128,29 @@ def _f(x: float, digits: int = 2, sign: bool = True) -> str:
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}g}"
 
 
+def _interval(low: float, high: float) -> str:
+    return "—" if math.isnan(low) else f"[{_f(low)}, {_f(high)}]"
+
+
+def _prob(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.2f}"
+
+
 def claims_markdown(claims: pd.DataFrame) -> str:
     """``claims.md``: one row per claim and dataset, with how to read it."""
     lines = ["# The paper's claims against these runs", "",
              "Differences in top-1 points, ours paired by seed (b minus a); the verdict reads our "
              "95% interval: **holds** (above 0), **reversed** (below 0), **not beyond seed "
              f"noise** (contains 0); fewer than {MIN_SEEDS} seeds give no verdict.", "",
-             "| claim | dataset | paper | ours (mean) | 95% interval | p | n | verdict |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| claim | dataset | paper | ours (mean) | 95% interval | p | n | verdict | "
+             "bootstrap 95% | P(better) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in claims.iterrows():
-        interval = ("—" if math.isnan(r.ci95_low) else
-                    f"[{_f(r.ci95_low)}, {_f(r.ci95_high)}]")
+        interval = _interval(r.ci95_low, r.ci95_high)
         lines.append(f"| {r.claim} | {r.dataset} | {_f(r.paper_diff)} | {_f(r.mean_diff)} | "
                      f"{interval} | {_f(r.p_value, 2, sign=False)} | {r.n_pairs} | "
-                     f"{r.verdict} |")
+                     f"{r.verdict} | {_interval(r.boot_lo, r.boot_hi)} | "
+                     f"{_prob(r.prob_improvement)} |")
     if claims.empty:
-        lines.append("| (no dataset has runs of both cells of any claim yet) | | | | | | | |")
-    return "\n".join(lines) + "\n"
+        lines.append("| (no dataset has runs of both cells of any claim yet) | | | | | | | | | |")
+    return "\n".join([*lines, "", *pairstats.legend("b", "a")]) + "\n"

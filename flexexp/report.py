@@ -9,7 +9,9 @@ Reads every ``result.json`` under ``paths.runs`` and writes to ``out_dir``:
 - ``table1.md`` / ``table2.md``: datasets as rows, variants as columns,
   ``mean ± std (n)`` beside the paper's number, then the significance table;
 - ``significance1.csv`` / ``significance2.csv``: each FlexPool variant against AvgPool on
-  the same dataset and seeds (paired t-test and 95% interval of the difference);
+  the same dataset and seeds (paired t-test and 95% t-interval of the mean difference,
+  then a 95% bootstrap interval of it and the probability of improvement: see
+  :mod:`flexexp.pairstats`);
 - ``figure1.png`` / ``figure2.png``: bar charts like the paper's Figures 2 and 4;
 - ``runs.csv`` (every run read) and ``failed.csv`` (runs that did not complete);
 - ``table3.csv`` / ``table3.md``, only when there are runs of the related pools
@@ -44,6 +46,7 @@ from typing import Any
 
 import pandas as pd
 
+from flexexp import pairstats
 from flexexp.cli import parse_options
 from flexexp.errors import ReportError
 from flexexp.files import atomic_write_text, diff_keys
@@ -337,7 +340,7 @@ def build_table(runs: pd.DataFrame, paper: pd.DataFrame, sac: bool) -> pd.DataFr
 
 
 SIG_COLUMNS = ["dataset", "variant", "n_pairs", "mean_diff", "ci95_low", "ci95_high", "p_value",
-               "significant", "note"]
+               "significant", "note", *pairstats.BOOT_COLUMNS]
 
 
 def _paired(ds: str, var: str, base: pd.Series, other: pd.Series) -> dict[str, Any]:
@@ -356,7 +359,7 @@ def _paired(ds: str, var: str, base: pd.Series, other: pd.Series) -> dict[str, A
         row["ci95_low"], row["ci95_high"] = diff.mean() - half, diff.mean() + half
         if sd > 1e-4:  # equal differences (in %): no t statistic, p stays blank
             row["p_value"] = float(stats.ttest_rel(other.loc[seeds], base.loc[seeds]).pvalue)
-    return row
+    return {**row, **pairstats.paired_extras(base, other)}
 
 
 def significance(runs: pd.DataFrame, sac: bool) -> pd.DataFrame:
@@ -376,7 +379,8 @@ def significance(runs: pd.DataFrame, sac: bool) -> pd.DataFrame:
             if keys:
                 rows.append({"dataset": ds, "variant": var, "n_pairs": 0, "mean_diff": math.nan,
                              "ci95_low": math.nan, "ci95_high": math.nan, "p_value": math.nan,
-                             "note": f"not comparable: differs in {', '.join(keys)}"})
+                             "note": f"not comparable: differs in {', '.join(keys)}",
+                             **pairstats.EMPTY_EXTRAS})
                 continue
             rows.append(_paired(ds, var, base, group[group.variant == var]
                                 .set_index("seed")["test_acc"]))
@@ -419,18 +423,30 @@ def to_markdown(table: pd.DataFrame, sig: pd.DataFrame, title: str) -> str:
             row.append(text)
         lines.append("| " + " | ".join(row) + " |")
     if not sig.empty:
-        lines += ["", "### Against AvgPool (paired by seed)", "",
-                  "| dataset | variant | pairs | mean diff | 95% CI | p (paired t) | note |",
-                  "|---|---|---|---|---|---|---|"]
-        for _, s in sig.iterrows():
-            ci = (f"[{_fmt(s.ci95_low)}, {_fmt(s.ci95_high)}]"
-                  if not math.isnan(s.ci95_low) else "")
-            mark = " *" if s.significant else ""
-            ds, var = LABELS.get(s.dataset, s.dataset), LABELS.get(s.variant, s.variant)
-            lines.append(f"| {ds} | {var} | {int(s.n_pairs)} | {_fmt(s.mean_diff)} | {ci} | "
-                         f"{_fmt(s.p_value, 3)}{mark} | {s.note} |")
-        lines += ["", "\\* p < 0.05. With 3 seeds only large, consistent gains are significant."]
+        lines += ["", *significance_markdown(sig)]
     return "\n".join(lines) + "\n"
+
+
+def _interval(low: float, high: float) -> str:
+    return "" if math.isnan(low) else f"[{_fmt(low)}, {_fmt(high)}]"
+
+
+def significance_markdown(sig: pd.DataFrame) -> list[str]:
+    """The lines of the table against AvgPool (:func:`significance`), with what each
+    statistic is under it."""
+    lines = ["### Against AvgPool (paired by seed)", "",
+             "| dataset | variant | pairs | mean diff | 95% CI | p (paired t) | note | "
+             "bootstrap 95% | P(better) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for _, s in sig.iterrows():
+        mark = " *" if s.significant else ""
+        ds, var = LABELS.get(s.dataset, s.dataset), LABELS.get(s.variant, s.variant)
+        lines.append(f"| {ds} | {var} | {int(s.n_pairs)} | {_fmt(s.mean_diff)} | "
+                     f"{_interval(s.ci95_low, s.ci95_high)} | {_fmt(s.p_value, 3)}{mark} | "
+                     f"{s.note} | {_interval(s.boot_lo, s.boot_hi)} | "
+                     f"{_fmt(s.prob_improvement)} |")
+    return [*lines, "", "\\* p < 0.05. With 3 seeds only large, consistent gains are significant.",
+            "", *pairstats.legend("the variant", "AvgPool")]
 
 
 # ---------------------------------------------------------------------------- table 3

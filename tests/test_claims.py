@@ -64,7 +64,8 @@ def test_claims_on_a_controlled_grid(tmp_path):
     md = (tmp_path / "out" / "claims.md").read_text()
     assert "| FlexPool beats AvgPool (Table 1) | cifar10 | +0.28 | +1.00 |" in md
     csv = (tmp_path / "out" / "claims.csv").read_text().splitlines()
-    assert csv[0] == "claim,dataset,paper_diff,n_pairs,mean_diff,ci95_low,ci95_high,p_value,verdict"
+    assert csv[0] == ("claim,dataset,paper_diff,n_pairs,mean_diff,ci95_low,ci95_high,p_value,"
+                      "verdict,boot_lo,boot_hi,prob_improvement")
 
 
 def test_sac_claims_pair_the_same_variant_and_other_settings_are_not_comparable(tmp_path):
