@@ -315,3 +315,20 @@ def _assert_tensorboard_steps(run_dir: Path, tag: str, steps: list[int]) -> None
             for ev in EventFileLoader(str(events)).Load()
             for v in ev.summary.value if v.tag == tag]
     assert sorted(seen) == steps, seen
+
+
+def test_a_tracker_that_fails_mid_run_gets_the_missed_epochs_later(tmp_path, monkeypatch,
+                                                                   caplog):
+    real, calls = trackers.CsvTracker.history, {"n": 0}
+
+    def flaky(self, history, model):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise ConnectionError("tracker away")
+        real(self, history, model)
+
+    monkeypatch.setattr(trackers.CsvTracker, "history", flaky)
+    rec = trainer.run(make_cfg([*TINY, "trainer.epochs=2", "logger=csv"]), tmp_path / "run")
+    assert rec["status"] == "completed"  # training never stops for a tracker
+    assert "csv: could not log epoch 1 (ConnectionError: tracker away)" in caplog.text
+    assert list(pd.read_csv(tmp_path / "run" / trackers.METRICS_FILE).epoch) == [1, 2]
