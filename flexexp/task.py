@@ -6,7 +6,8 @@ when a cell goes wrong (README "Failure policy"):
 - a single run with a user-fixable error (bad value, missing data) prints it once, as one
   paragraph, and exits with status 2; a run refused before it started leaves no folder;
 - in a sweep the cell's ``result.json`` says ``failed`` with the error (also when it failed
-  before it started), one line goes to stderr, and the sweep goes on; at the end
+  before it started), one line goes to stderr, and the sweep goes on; every cell's end
+  prints ``[k/N] <cell> <outcome> | elapsed | ETA`` (:func:`note`); at the end
   :class:`SweepStatus` prints every cell that did not complete, and the process exits 1;
 - SIGTERM/SIGUSR1 (:mod:`flexexp.signals`): the cell records ``interrupted`` and the
   process ends by the same signal, so a scheduler requeues it.
