@@ -665,11 +665,18 @@ USAGE = """usage: python -m flexexp.report [paths.runs=DIR] [out_dir=DIR] [paper
 Rebuild Tables 1 and 2 from every result.json under paths.runs (default runs/) into
 out_dir (default results/), and Table 3 when there are runs of the related pools (pool=max,
 gfgp or flex_softmax, or model.downsample other than stride). paper_dir holds the paper's
-table1.csv and table2.csv (default: flexexp/paper/, the published numbers)."""
+table1.csv and table2.csv (default: flexexp/paper/, the published numbers).
+
+python -m flexexp.report --status [experiment=NAME] [paths.runs=DIR] [overrides]: the
+sweep's cells as completed, running, failed, interrupted or missing, and an ETA."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--status" in argv:  # where a sweep stands (flexexp/status.py composes its grid)
+        from flexexp.status import main as status_main
+
+        return status_main([a for a in argv if a != "--status"])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     opts = parse_options(argv, {"paths.runs": "runs", "out_dir": "results",
                                 "paper_dir": str(DEFAULT_PAPER_DIR)}, USAGE)

@@ -6,7 +6,8 @@ when a cell goes wrong (README "Failure policy"):
 - a single run with a user-fixable error (bad value, missing data) prints it once, as one
   paragraph, and exits with status 2; a run refused before it started leaves no folder;
 - in a sweep the cell's ``result.json`` says ``failed`` with the error (also when it failed
-  before it started), one line goes to stderr, and the sweep goes on; at the end
+  before it started), one line goes to stderr, and the sweep goes on; every cell's end
+  prints ``[k/N] <cell> <outcome> | elapsed | ETA`` (:func:`note`); at the end
   :class:`SweepStatus` prints every cell that did not complete, and the process exits 1;
 - SIGTERM/SIGUSR1 (:mod:`flexexp.signals`): the cell records ``interrupted`` and the
   process ends by the same signal, so a scheduler requeues it.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
@@ -25,7 +27,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from flexexp import console, rundir, signals, trainer
+from flexexp import console, rundir, signals, status, trainer
 from flexexp.config import cell_hash
 from flexexp.errors import FlexexpError
 from flexexp.tracking import RESULT_FILE, read_json
@@ -33,6 +35,7 @@ from flexexp.tracking import RESULT_FILE, read_json
 __all__ = ["task", "SweepStatus", "note", "summary", "SWEEP_LOG_ENV"]
 
 SWEEP_LOG_ENV = "FLEXEXP_SWEEP_LOG"
+log = logging.getLogger(__name__)
 
 
 def task(cfg: DictConfig) -> float | None:
@@ -43,6 +46,7 @@ def task(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     sweep, out = hc.mode == RunMode.MULTIRUN, Path(hc.runtime.output_dir)
     job_num = OmegaConf.select(hc, "job.num", default=0) or 0  # missing in a single run
+    done_before = sweep and _status(out) == "completed"  # then the run skips it
     try:
         record = trainer.run(cfg, out, job_num, rundir.hydra_files(cfg, hc), wait=sweep)
     except KeyboardInterrupt:  # Ctrl-C: the record says interrupted; no traceback
@@ -62,7 +66,7 @@ def task(cfg: DictConfig) -> float | None:
         if not sweep:
             raise
         return _failed(cfg, out, exc, sweep)
-    note(out, record.get("status", "?"), record.get("test_acc"))
+    note(out, record.get("status", "?"), record.get("test_acc"), skipped=done_before)
     signals.redeliver()  # a signal that came after the last step: the run completed first
     return record.get("test_acc")
 
@@ -114,34 +118,78 @@ def _status(run_dir: Path) -> str | None:
 
 class SweepStatus(Callback):
     """Hydra callback (conf/config.yaml): a sweep's cells note how they ended in
-    ``<sweep dir>/.sweeps/<start>-<pid>.jsonl``; ``flexexp.train`` prints :func:`summary`."""
+    ``<sweep dir>/.sweeps/<start>-<pid>.jsonl`` (first line: the start time and the number
+    of cells); each cell's end prints ``[k/N] <cell> ... | elapsed | ETA`` (:func:`note`),
+    and ``flexexp.train`` prints :func:`summary` at the end."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         folder = Path(config.hydra.sweep.dir) / ".sweeps"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.jsonl"
-        path.touch()
+        header = {"sweep": {"start": time.time(), "cells": _sweep_size(config)}}
+        path.write_text(json.dumps(header) + "\n", encoding="utf-8")
         os.environ[SWEEP_LOG_ENV] = str(path)  # launcher workers start later: they inherit it
 
 
-def note(run_dir: Path, status: str, detail: Any) -> None:
-    """Append one cell's end to the sweep's log (a no-op outside a sweep)."""
+def _sweep_size(config: DictConfig) -> int | None:
+    """The number of cells Hydra's sweeper will launch (None: not known ahead)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    hydra = GlobalHydra.instance()
+    return status.sweep_size(config.hydra, hydra.config_loader() if hydra.is_initialized()
+                             else None)
+
+
+def note(run_dir: Path, state: str, detail: Any, skipped: bool = False) -> None:
+    """Append one cell's end to the sweep's log and print its progress line (a no-op
+    outside a sweep). The log is locked while the line is added and the log read back, so
+    parallel workers (joblib, submitit) count k = 1..N each once."""
+    import fcntl
+
     path = os.environ.get(SWEEP_LOG_ENV)
     if not path:
         return
-    line = json.dumps({"run_dir": str(run_dir), "status": status, "detail": detail}) + "\n"
-    with open(path, "a", encoding="utf-8") as f:  # one short append: whole lines
-        f.write(line)
+    row = {"run_dir": str(run_dir), "status": state, "detail": detail, "end": time.time(),
+           "cell": _cell(run_dir), **({"skipped": True} if skipped else {})}
+    with open(path, "a+", encoding="utf-8") as f:  # one short append: whole lines
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        f.seek(0)
+        header, rows = _read_log(f.read())
+    log.info("%s", status.progress_line(rows, header.get("start"), header.get("cells"),
+                                        time.time()))
+
+
+def _cell(run_dir: Path) -> str:
+    """The cell's name below paths.runs (Hydra's output dir is ``<paths.runs>/<cell>``)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with contextlib.suppress(Exception):  # no Hydra run: the folder as it is
+        root = Path(HydraConfig.get().sweep.dir).absolute()
+        return Path(run_dir).absolute().relative_to(root).as_posix()
+    return str(run_dir)
+
+
+def _read_log(text: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """``(the sweep's header, the cells' rows)`` of a sweep's log."""
+    header: dict[str, Any] = {}
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("sweep"), dict):
+            header = row["sweep"]
+        elif isinstance(row, dict) and "run_dir" in row:
+            rows.append(row)
+    return header, rows
 
 
 def summary(path: str | Path) -> tuple[str, int]:
     """``(text, cells not completed)`` of a sweep's log."""
-    rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
+    _, rows = _read_log(Path(path).read_text(encoding="utf-8"))
     bad = [r for r in rows if r.get("status") != "completed"]
     text = f"sweep: {len(rows)} cells, {len(rows) - len(bad)} completed, {len(bad)} not"
     for r in bad:

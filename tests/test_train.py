@@ -251,7 +251,7 @@ def test_grid_then_report_matches_the_run_records(tmp_path):
     again = run_cli([*GRID, f"paths.runs={runs}"], cwd=tmp_path)
     t_again = time.time() - t0
     assert again.returncode == 0, again.stderr
-    assert (again.stdout + again.stderr).count("already completed") == 8
+    assert (again.stdout + again.stderr).count("already completed, skipped") == 8  # done lines
     assert checkpoint_mtimes(runs) == before
     print(f"first sweep {t_first:.1f} s, repeated sweep {t_again:.1f} s")
 
@@ -271,7 +271,7 @@ def test_killed_cell_resumes_alone(tmp_path):
 
     rerun = run_cli(["-m", *TINY, "pool=avg,flex", f"paths.runs={runs}"], cwd=tmp_path)
     assert rerun.returncode == 0
-    assert (rerun.stdout + rerun.stderr).count("already completed") == 2
+    assert (rerun.stdout + rerun.stderr).count("already completed, skipped") == 2
     resumed = run_cli([*long, "pool=flex_reg"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout + resumed.stderr
