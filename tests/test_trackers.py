@@ -23,6 +23,17 @@ from flexexp.errors import ConfigError
 from flexexp.tracking import read_json
 
 
+@pytest.fixture(autouse=True)
+def _own_wandb_service():
+    """Each test's W&B runs talk to a service of their own: wandb keeps the service of
+    this process in ``WANDB_SERVICE``, which the subprocesses of a later test would inherit
+    and share (a run killed there would stay open in this process's service)."""
+    yield
+    import wandb
+
+    wandb.teardown()
+
+
 def test_scalars_name_every_number_of_an_epoch():
     entry = {"epoch": 3, "lr": 0.1, "beta1": 0.9, "train_loss": 2.0, "train_acc": 50.0,
              "train_loss_heads": {"stage1": 2.5, "main": 1.5}, "penalty": None,
