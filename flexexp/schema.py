@@ -40,7 +40,11 @@ class DatasetConfig:
     verify_checksums: bool = MISSING
     train_size: int | None = MISSING  # synthetic: images to make; others: null = all
     test_size: int | None = MISSING
-    data_seed: int = MISSING  # synthetic data and fixed splits
+    data_seed: int = MISSING  # synthetic data and fixed splits (the validation split too)
+    # share of the training images held out as the validation split (stratified, seeded by
+    # data_seed; flexexp.data.sources.split_validation). 0 = none. A default here, so that a
+    # user's own dataset YAML written before the key existed still composes.
+    val_fraction: float = 0.0
 
 
 @dataclass
@@ -97,3 +101,6 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     seed: int = MISSING
+    # python -m flexexp.tune: the study and its search space (flexexp/tune.py). A runtime
+    # key (flexexp.config.RUNTIME_KEYS): never part of a cell's identity.
+    tune: dict[str, Any] = field(default_factory=dict)
