@@ -42,9 +42,8 @@ class DatasetConfig:
     test_size: int | None = MISSING
     data_seed: int = MISSING  # synthetic data and fixed splits (the validation split too)
     # share of the training images held out as the validation split (stratified, seeded by
-    # data_seed; flexexp.data.sources.split_validation). 0 = none. A default here, so that a
-    # user's own dataset YAML written before the key existed still composes.
-    val_fraction: float = 0.0
+    # data_seed; flexexp.data.sources.split_validation); 0 = none
+    val_fraction: float = MISSING
 
 
 @dataclass
