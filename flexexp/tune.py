@@ -512,14 +512,16 @@ def table(study, p: Plan) -> str:
     rows = [f"study {p.study} ({p.db}): {_complete(study)} of {p.n_trials} trials complete, "
             f"{p.direction} {p.metric}",
             f"{'trial':>5}  {'state':8}  {p.metric:>8}  {'cell':7}  overrides"]
+    stopped = {t.user_attrs.get("resumes_trial") for t in study.trials}
     for t in study.trials:
         value = f"{t.value:.4f}" if t.value is not None else "-"
         how = ("-" if t.state.name != "COMPLETE" else
                "trained" if t.user_attrs.get("trained") else "read")
+        state = "STOPPED" if t.number in stopped else t.state.name  # and queued again
         detail = " ".join(t.user_attrs.get("overrides", [])) or "-"
         if t.user_attrs.get("error"):
             detail += f"  ({t.user_attrs['error'][:120]})"
-        rows.append(f"{t.number:>5}  {t.state.name:8}  {value:>8}  {how:7}  {detail}")
+        rows.append(f"{t.number:>5}  {state:8}  {value:>8}  {how:7}  {detail}")
     return "\n".join(rows)
 
 

@@ -253,3 +253,21 @@ def test_a_study_of_another_base_config_is_refused(tmp_path, capsys):
     capsys.readouterr()
     assert tune.main([*TUNE, "trainer.epochs=2", "tune.n_trials=1", f"paths.runs={runs}"]) == 2
     assert "searched another base config (differs in: trainer.epochs)" in capsys.readouterr().err
+
+
+def test_signal_blocks_nest_and_put_back_what_they_found():
+    """The study's block holds the cells' blocks: a signal in either stops both, and the
+    handlers of before are back once both have ended."""
+    import os
+
+    from flexexp import signals
+
+    before = signal.getsignal(signal.SIGTERM)
+    with signals.catch():
+        os.kill(os.getpid(), signal.SIGUSR1)  # between two trials
+        with signals.catch():
+            with pytest.raises(signals.Interrupted):
+                signals.check()  # the inner block kept the outer one's flag
+        assert signals.pending() == signal.SIGUSR1
+        signals._state["signum"] = None
+    assert signal.getsignal(signal.SIGTERM) is before
