@@ -6,10 +6,10 @@ a config asks for (:func:`prepare_device`: :func:`resolve_device`,
 data-parallel place of this process (:class:`Dist`), the one-cycle learning rate
 (:func:`learning_rate`) and momentum (:func:`momentum`), the batches on the device
 (:func:`make_train_loader`, :func:`make_test_loader`, :func:`make_val_loader`), the
-optimisation step itself
-(:class:`TrainStep`, which returns a :class:`StepResult`; ``trainer.compile`` compiles
-its forward pass), the on-device epoch sums (:class:`Counters`) and the test-set
-and validation accuracy (:func:`evaluate`).
+optimisation step itself (:class:`TrainStep`, which returns a :class:`StepResult`;
+``trainer.compile`` compiles its forward pass), the on-device epoch sums
+(:class:`Counters`) and the test-set and validation accuracy (:func:`evaluate`,
+:func:`evaluate_splits`).
 The loop that strings them together is :func:`flexexp.trainer.fit`; the benchmark
 (:mod:`flexexp.bench`) times the same pieces.
 """
