@@ -66,6 +66,7 @@ RUNTIME_KEYS = (
     "dataset.root",
     "dataset.download",
     "dataset.verify_checksums",
+    "tune",  # the search (python -m flexexp.tune) that chose the cell, not the cell
 )
 
 

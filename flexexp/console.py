@@ -31,8 +31,9 @@ def progress_bar(enabled: bool, total: int, desc: str):
 def epoch_line(e: dict[str, Any], epoch: int, epochs: int) -> str:
     """``epoch 3/15: loss ... train ...% test ...% lr ... img/s``."""
     test = f"{e['test_acc']:.2f}%" if e.get("test_acc") is not None else "-"
+    val = f"val {e['val_acc']:.2f}% " if e.get("val_acc") is not None else ""
     return (f"epoch {epoch}/{epochs}: loss {e['train_loss']:.4f} train {e['train_acc']:.2f}% "
-            f"test {test} lr {e['lr']:.2e} {e['images_per_s']:.0f} img/s")
+            f"{val}test {test} lr {e['lr']:.2e} {e['images_per_s']:.0f} img/s")
 
 
 def done_line(record: dict[str, Any], skipped: bool = False) -> str:

@@ -5,10 +5,11 @@ a config asks for (:func:`prepare_device`: :func:`resolve_device`,
 :func:`configure_process`, :func:`resolve_precision`; :func:`autocast_for`), the
 data-parallel place of this process (:class:`Dist`), the one-cycle learning rate
 (:func:`learning_rate`) and momentum (:func:`momentum`), the batches on the device
-(:func:`make_train_loader`, :func:`make_test_loader`), the optimisation step itself
-(:class:`TrainStep`, which returns a :class:`StepResult`; ``trainer.compile`` compiles
-its forward pass), the on-device epoch sums (:class:`Counters`) and the test-set
-accuracy (:func:`evaluate`).
+(:func:`make_train_loader`, :func:`make_test_loader`, :func:`make_val_loader`), the
+optimisation step itself (:class:`TrainStep`, which returns a :class:`StepResult`;
+``trainer.compile`` compiles its forward pass), the on-device epoch sums
+(:class:`Counters`) and the test-set and validation accuracy (:func:`evaluate`,
+:func:`evaluate_splits`).
 The loop that strings them together is :func:`flexexp.trainer.fit`; the benchmark
 (:mod:`flexexp.bench`) times the same pieces.
 """
@@ -352,6 +353,17 @@ def make_test_loader(cfg: DictConfig, arrays: ImageArrays, device: torch.device,
                         device, train=False, memory_format=memory_format)
 
 
+def make_val_loader(cfg: DictConfig, arrays: ImageArrays, device: torch.device,
+                    memory_format: torch.memory_format) -> DeviceLoader | None:
+    """The validation split (``dataset.val_fraction`` of the training images, held out by
+    :func:`flexexp.data.sources.split_validation`) like the test split; None without one."""
+    if arrays.x_val is None or arrays.y_val is None:
+        return None
+    t, d = cfg.trainer, cfg.dataset
+    return DeviceLoader(arrays.x_val, arrays.y_val, max(t.batch_size, 1000), d.mean, d.std,
+                        device, train=False, memory_format=memory_format)
+
+
 # ---------------------------------------------------------------------------- evaluation
 
 
@@ -362,13 +374,17 @@ def head_names(model: CifarResNet) -> list[str]:
 
 @torch.no_grad()
 def evaluate(
-    model: CifarResNet, loader: DeviceLoader, autocast: contextlib.AbstractContextManager
+    model: CifarResNet, loader: DeviceLoader, autocast: contextlib.AbstractContextManager,
+    split: str = "test",
 ) -> dict[str, Any]:
-    """Top-1 (and top-5 for more than 10 classes) of every head on ``loader``, in percent."""
+    """Top-1 (and top-5 for more than 10 classes) of every head on ``loader``, in percent,
+    as ``<split>_acc``, ...; ``split="val"`` adds the main head's mean cross-entropy
+    (``val_loss``)."""
     model.eval()
     names = head_names(model)
     k5 = model.num_classes > 10
     correct = torch.zeros(2 if k5 else 1, len(names), device=loader.device)  # (top-k, heads)
+    loss = torch.zeros((), dtype=torch.float64, device=loader.device)
     for x, y in loader:
         with autocast:
             logits = model.forward_heads(x)
@@ -376,15 +392,29 @@ def evaluate(
             correct[0, h] += (out.argmax(1) == y).sum()
             if k5:
                 correct[1, h] += (out.topk(5, dim=1).indices == y[:, None]).any(1).sum()
+        if split == "val":
+            loss += F.cross_entropy(logits[-1].float(), y, reduction="sum").double()
     n = loader.num_images  # counts are exact integers: divide in float64 on the host
     acc = [[100.0 * c / n for c in row] for row in correct.tolist()]  # one host sync
     out: dict[str, Any] = {
-        "test_acc": acc[0][-1],
-        "test_acc_aux": dict(zip(names[:-1], acc[0][:-1], strict=True)),
+        f"{split}_acc": acc[0][-1],
+        f"{split}_acc_aux": dict(zip(names[:-1], acc[0][:-1], strict=True)),
     }
     if k5:
-        out["test_top5"] = acc[1][-1]
-        out["test_top5_aux"] = dict(zip(names[:-1], acc[1][:-1], strict=True))
+        out[f"{split}_top5"] = acc[1][-1]
+        out[f"{split}_top5_aux"] = dict(zip(names[:-1], acc[1][:-1], strict=True))
+    if split == "val":
+        out["val_loss"] = float(loss) / n
+    return out
+
+
+def evaluate_splits(model: CifarResNet, autocast: contextlib.AbstractContextManager,
+                    test_loader: DeviceLoader, val_loader: DeviceLoader | None
+                    ) -> dict[str, Any]:
+    """:func:`evaluate` on the test split and, when there is one, the validation split."""
+    out = evaluate(model, test_loader, autocast)
+    if val_loader is not None:
+        out.update(evaluate(model, val_loader, autocast, "val"))
     return out
 
 

@@ -60,6 +60,8 @@ RANGES: dict[str, Range] = {
     "dataset.train_size": _int(1, "null = every image"),
     "dataset.test_size": _int(1, "null = every image"),
     "dataset.data_seed": Range(0, 2**32 - 1, hi_open=False, integer=True, why="a 32-bit seed"),
+    "dataset.val_fraction": Range(0.0, 1.0, why="the share of the training images held out "
+                                  "for validation; 0 = none", eg="0.1"),
     "dataset.translate": _int(0, "pixels of random shift"),
     "dataset.mean[]": Range(0.0, 1.0, hi_open=False, why="pixel values are in [0, 1]"),
     "dataset.std[]": Range(0.0, lo_open=True),

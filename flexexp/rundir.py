@@ -259,6 +259,8 @@ def results(history: list[dict[str, Any]], train_time: float,
         "test_acc": final.get("test_acc"),
         "test_acc_aux": final.get("test_acc_aux", {}),
         **{k: final[k] for k in ("test_top5", "test_top5_aux") if k in final},
+        # dataset.val_fraction > 0: the held-out training images (what flexexp.tune optimises)
+        **{k: final[k] for k in ("val_acc", "val_loss", "val_acc_aux") if k in final},
         "history": history,
         "wall_time_s": wall_time,
         "train_time_s": train_time,

@@ -40,7 +40,10 @@ class DatasetConfig:
     verify_checksums: bool = MISSING
     train_size: int | None = MISSING  # synthetic: images to make; others: null = all
     test_size: int | None = MISSING
-    data_seed: int = MISSING  # synthetic data and fixed splits
+    data_seed: int = MISSING  # synthetic data and fixed splits (the validation split too)
+    # share of the training images held out as the validation split (stratified, seeded by
+    # data_seed; flexexp.data.sources.split_validation); 0 = none
+    val_fraction: float = MISSING
 
 
 @dataclass
@@ -100,3 +103,6 @@ class Config:
     # (conf/logger/*.yaml; flexexp.trackers checks them)
     logger: dict[str, Any] = MISSING
     seed: int = MISSING
+    # python -m flexexp.tune: the study and its search space (flexexp/tune.py). A runtime
+    # key (flexexp.config.RUNTIME_KEYS): never part of a cell's identity.
+    tune: dict[str, Any] = field(default_factory=dict)

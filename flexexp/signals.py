@@ -25,7 +25,7 @@ from typing import Any
 __all__ = ["CAUGHT", "Interrupted", "catch", "check", "redeliver"]
 
 CAUGHT = (signal.SIGTERM, signal.SIGUSR1)
-_state: dict[str, Any] = {"signum": None, "previous": {}}
+_state: dict[str, Any] = {"signum": None}
 
 
 class Interrupted(BaseException):  # noqa: N818 (not an error: a request to stop)
@@ -42,18 +42,23 @@ def _handler(signum: int, frame: Any) -> None:
 
 @contextlib.contextmanager
 def catch(enabled: bool = True) -> Iterator[None]:
-    """Turn SIGTERM and SIGUSR1 into a flag for the block (main thread only)."""
+    """Turn SIGTERM and SIGUSR1 into a flag for the block (main thread only).
+
+    Blocks nest (``flexexp.tune`` holds one around the trials, each cell its own): an
+    inner block keeps a flag the outer one raised, and each block puts back the handlers
+    it found."""
     import threading
 
     if not enabled or threading.current_thread() is not threading.main_thread():
         yield
         return
-    _state["signum"] = None
-    _state["previous"] = {s: signal.signal(s, _handler) for s in CAUGHT}
+    if signal.getsignal(signal.SIGTERM) is not _handler:  # the outermost block
+        _state["signum"] = None
+    previous = {s: signal.signal(s, _handler) for s in CAUGHT}
     try:
         yield
     finally:
-        for s, old in _state["previous"].items():
+        for s, old in previous.items():
             signal.signal(s, old)
 
 

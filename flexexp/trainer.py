@@ -51,6 +51,7 @@ class Loop:
     gen: torch.Generator  # the data order: checkpointed, so a resumed run sees the same
     t_start: float  # the cell's start: setup_s is measured from it
     trackers: Trackers | None = None  # logger=...: TensorBoard, CSV, MLflow, W&B
+    val_loader: DeviceLoader | None = None  # dataset.val_fraction's held-out training images
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     train_time: float = 0.0
@@ -155,6 +156,7 @@ def setup(cfg: DictConfig, run_dir: Path, record: dict[str, Any], dist: Dist,
                                                            dist)
     step = TrainStep(cfg, model, device, speed, dist, forward)
     loop = Loop(cfg, run_dir, record, dist, step, train_loader, test_loader, gen, t_start)
+    loop.val_loader = engine.make_val_loader(cfg, arrays, device, fmt)
     state = rundir.load_state(run_dir, loop.checkpoint_key, dist)
     if state is not None:
         loop.start_epoch, loop.history, loop.train_time = rundir.restore(state, loop.step, gen)
@@ -276,10 +278,11 @@ def _check_diverged(loop: Loop, c: Counters, head_loss: dict[str, float], epoch:
 
 
 def _evaluate(loop: Loop, epoch: int, entry: dict[str, Any]) -> None:
-    """Add the test accuracies to ``entry`` every ``eval_every`` epochs and at the last."""
-    t = loop.cfg.trainer
+    """Add test (and val) accuracies to ``entry`` every ``eval_every`` epochs and at the last."""
+    t, step = loop.cfg.trainer, loop.step
     if (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs:
-        entry.update(engine.evaluate(loop.step.model, loop.test_loader, loop.step.autocast))
+        entry.update(engine.evaluate_splits(step.model, step.autocast, loop.test_loader,
+                                            loop.val_loader))
 
 
 def _log_epoch(loop: Loop, e: dict[str, Any], bar, epoch: int) -> None:

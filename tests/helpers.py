@@ -203,11 +203,13 @@ def only_run_dir(runs: Path) -> Path:
     return dirs[0]
 
 
-def start_train(args: list[str], cwd: Path, extra_code: str = "") -> subprocess.Popen:
-    """Start ``python -m flexexp.train args`` in the background, with ``extra_code`` run
-    first in the same process (fault injection: see :data:`KILL_MID_EPOCH_2`)."""
-    code = f"{extra_code}\nimport sys\nsys.argv = ['flexexp.train', *{args!r}]\n" \
-           "from flexexp.train import main\nmain()\n"
+def start_train(args: list[str], cwd: Path, extra_code: str = "",
+                module: str = "flexexp.train") -> subprocess.Popen:
+    """Start ``python -m <module> args`` (flexexp.train, flexexp.tune) in the background,
+    with ``extra_code`` run first in the same process (fault injection: see
+    :data:`KILL_MID_EPOCH_2`)."""
+    code = f"{extra_code}\nimport sys\nsys.argv = [{module!r}, *{args!r}]\n" \
+           f"from {module} import main\nsys.exit(main())\n"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

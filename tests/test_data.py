@@ -601,3 +601,96 @@ def test_fixture_tree_matches_the_official_layout(written):
                  "tiny-imagenet-200/val/val_annotations.txt"]:
         assert need in names
     assert any(n.startswith("tiny-imagenet-200/train/n01443537/images/") for n in names)
+
+
+# ---------------------------------------------------------------------------- validation split
+
+
+def _numbered(n: int, classes: int):
+    """Training images that carry their own index (two pixels: high and low byte), labels
+    ``i * 7 % classes`` (uneven class sizes), and a small test split."""
+    from flexexp.data import sources
+
+    idx = torch.arange(n)
+    x = torch.zeros(n, 1, 4, 4, dtype=torch.uint8)
+    x[:, 0, 0, 0], x[:, 0, 0, 1] = (idx // 256).to(torch.uint8), (idx % 256).to(torch.uint8)
+    y = (idx * 7 + idx // 5) % classes
+    return sources.ImageArrays(x, y, x[:10].clone(), y[:10].clone())
+
+
+def _index(x: torch.Tensor) -> torch.Tensor:
+    return x[:, 0, 0, 0].long() * 256 + x[:, 0, 0, 1].long()
+
+
+def test_validation_split_is_stratified_disjoint_and_keeps_the_order():
+    from flexexp.data.sources import split_validation
+
+    full = _numbered(1000, 7)
+    out = split_validation(full, 0.15, data_seed=3)
+    kept, held = _index(out.x_train), _index(out.x_val)
+    # every training image is in exactly one part, and each part keeps the original order
+    assert sorted(torch.cat([kept, held]).tolist()) == list(range(1000))
+    assert not set(kept.tolist()) & set(held.tolist())
+    assert torch.equal(kept, kept.sort().values) and torch.equal(held, held.sort().values)
+    assert torch.equal(out.y_train, full.y_train[kept])
+    assert torch.equal(out.y_val, full.y_train[held])
+    # stratified: each class gives round(fraction * its images)
+    for c in range(7):
+        n_c = int((full.y_train == c).sum())
+        assert int((out.y_val == c).sum()) == round(0.15 * n_c), c
+    assert out.x_test is full.x_test and out.y_test is full.y_test
+
+
+def test_validation_split_depends_on_the_data_seed_alone():
+    from flexexp.data.sources import split_validation
+
+    full = _numbered(600, 5)
+    a = split_validation(full, 0.2, data_seed=0)
+    b = split_validation(full, 0.2, data_seed=0)
+    c = split_validation(full, 0.2, data_seed=1)
+    assert torch.equal(_index(a.x_val), _index(b.x_val))
+    assert not torch.equal(_index(a.x_val), _index(c.x_val))
+    # the run's seed is not part of the dataset spec: every seed of a grid loads the same
+    specs = [OmegaConf.to_object(compose_config(["dataset.val_fraction=0.1", f"seed={s}"])
+                                 .dataset) for s in (0, 7)]
+    x0, x7 = load_arrays(specs[0]), load_arrays(specs[1])
+    for name in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+        assert torch.equal(getattr(x0, name), getattr(x7, name)), name
+
+
+@pytest.mark.parametrize("source", ["digits", "synthetic"])
+def test_no_validation_split_loads_the_same_arrays_as_before(source):
+    from flexexp.data import sources
+
+    spec = OmegaConf.to_object(compose_config([f"dataset={source}"]).dataset)
+    assert spec.val_fraction == 0
+    raw = sources.DATASETS[source](spec)  # the source itself: the arrays every run had
+    got = load_arrays(spec)
+    assert got.x_val is None and got.y_val is None
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        assert torch.equal(getattr(got, name), getattr(raw, name)), name
+    assert sources.fingerprint(got) == sources.fingerprint(raw)
+    held = load_arrays(dataclasses.replace(spec, val_fraction=0.1))
+    assert sources.fingerprint(held) != sources.fingerprint(got)  # the split is in it
+    assert len(held.y_train) + len(held.y_val) == len(raw.y_train)
+
+
+@pytest.mark.parametrize("fraction,what", [(0.001, "no validation image"),
+                                           (0.999, "no training image")])
+def test_a_split_that_empties_a_class_is_refused(fraction, what):
+    from flexexp.errors import ConfigError
+
+    spec = OmegaConf.to_object(compose_config([f"dataset.val_fraction={fraction}"]).dataset)
+    with pytest.raises(ConfigError, match=rf"dataset.val_fraction={fraction} of class 0's "
+                                          rf"\d+ training images leaves {what}"):
+        load_arrays(spec)
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1"])
+def test_val_fraction_outside_its_range_is_refused(value):
+    from flexexp.config import validate
+    from flexexp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"dataset.val_fraction={value} is outside its "
+                                          r"range \[0, 1\)"):
+        validate(compose_config([f"dataset.val_fraction={value}"]))

@@ -77,21 +77,21 @@ def download(spec: DatasetConfig) -> str:
 def info(spec: DatasetConfig) -> str:
     """Describe what a run of ``spec`` loads, without downloading."""
     from flexexp.data import paper
-    from flexexp.data.sources import load_arrays
+    from flexexp.data.sources import load_arrays, split_validation
 
     spec = dataclasses.replace(spec, download=False)
     if spec.source in paper.PAPER:
         full, path = paper.prepare(spec.source, spec)
         arrays = paper.subsample(full, spec)
         arrays.check(spec)
+        arrays = split_validation(arrays, spec.val_fraction, spec.data_seed)
         where = f"data  {paper.data_root(spec) / paper.PAPER[spec.source].folder}\n  cache {path}"
     else:
         arrays = load_arrays(spec)
         where = "data  generated in memory (no files, no cache)"
     lines = [f"{spec.name} (source {spec.source}): {spec.num_classes} classes, "
              f"{spec.in_channels} channel(s), {spec.image_size}x{spec.image_size}"]
-    for split, x, y in (("train", arrays.x_train, arrays.y_train),
-                        ("test", arrays.x_test, arrays.y_test)):
+    for split, x, y in arrays.splits():
         counts = y.bincount(minlength=spec.num_classes)
         lines.append(f"  {split:5s} x {tuple(x.shape)} {str(x.dtype).replace('torch.', '')}, "
                      f"y {tuple(y.shape)}: {int((counts > 0).sum())} classes present, "

@@ -17,27 +17,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flexexp.errors import DataError
+from flexexp.errors import ConfigError, DataError
 from flexexp.schema import DatasetConfig
 
 __all__ = ["ImageArrays", "DATASETS", "DataError", "load_arrays", "fit_size", "subsample_split",
-           "fingerprint"]
+           "split_validation", "fingerprint"]
 
 
 @dataclass
 class ImageArrays:
-    """Train and test splits as uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``."""
+    """Train and test splits as uint8 images ``(N, C, H, W)`` and int64 labels ``(N,)``;
+    with ``dataset.val_fraction > 0`` also the validation split carved from the training
+    images (:func:`split_validation`; None without one)."""
 
     x_train: Tensor
     y_train: Tensor
     x_test: Tensor
     y_test: Tensor
+    x_val: Tensor | None = None
+    y_val: Tensor | None = None
+
+    def splits(self) -> list[tuple[str, Tensor, Tensor]]:
+        """``(name, images, labels)`` of train, test and (if there is one) val."""
+        out = [("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)]
+        if self.x_val is not None and self.y_val is not None:
+            out.append(("val", self.x_val, self.y_val))
+        return out
 
     def check(self, spec: DatasetConfig) -> None:
         """Raise :class:`DataError` unless shapes, dtypes and labels match the config."""
         want = (spec.in_channels, spec.image_size, spec.image_size)
-        splits = (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test))
-        for split, x, y in splits:
+        for split, x, y in self.splits():
             if x.dtype != torch.uint8 or tuple(x.shape[1:]) != want:
                 raise DataError(
                     f"{spec.name}: {split} images are {x.dtype} {tuple(x.shape[1:])}, expected "
@@ -53,12 +63,13 @@ class ImageArrays:
 
 
 def fingerprint(arrays: ImageArrays) -> str:
-    """16 hex digits of a hash of every image and label of both splits (with their shapes):
-    the identity of the data a run trained on, whatever folder or download it came from."""
+    """16 hex digits of a hash of every image and label of every split (with their shapes):
+    the identity of the data a run trained on, whatever folder or download it came from.
+    Without a validation split it is the hash of train and test alone, as it always was."""
     import hashlib
 
     h = hashlib.blake2b(digest_size=8)
-    for t in (arrays.x_train, arrays.y_train, arrays.x_test, arrays.y_test):
+    for t in (t for _, x, y in arrays.splits() for t in (x, y)):
         h.update(f"{tuple(t.shape)}{t.dtype};".encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()
@@ -160,4 +171,34 @@ def load_arrays(spec: DatasetConfig) -> ImageArrays:
         ) from None
     arrays = source(spec)
     arrays.check(spec)
-    return arrays
+    return split_validation(arrays, spec.val_fraction, spec.data_seed)
+
+
+def split_validation(arrays: ImageArrays, fraction: float, data_seed: int) -> ImageArrays:
+    """Hold out ``fraction`` of the training images as the validation split.
+
+    Stratified (each class gives ``round(fraction * its training images)``) and seeded
+    by ``dataset.data_seed`` alone, so every seed and variant of a grid sees the same
+    split. Both parts keep the images' order in the training split. ``fraction == 0``
+    returns ``arrays`` itself: the same training images in the same order as ever.
+    """
+    if fraction == 0:
+        return arrays
+    y = arrays.y_train
+    gen = torch.Generator().manual_seed(data_seed)
+    held = []
+    for c in torch.unique(y).tolist():  # ascending: the draws do not depend on the order
+        idx = torch.nonzero(y == c).flatten()
+        n_val = round(len(idx) * fraction)
+        if not 0 < n_val < len(idx):
+            raise ConfigError(
+                f"dataset.val_fraction={fraction} of class {c}'s {len(idx)} training images "
+                f"leaves {'no validation' if n_val == 0 else 'no training'} image for it: "
+                f"choose a fraction that keeps at least one of each, e.g. "
+                f"dataset.val_fraction=0.1 (or a larger dataset.train_size).")
+        held.append(idx[torch.randperm(len(idx), generator=gen)[:n_val]])
+    is_val = torch.zeros(len(y), dtype=torch.bool)
+    is_val[torch.cat(held)] = True
+    keep = ~is_val
+    return ImageArrays(arrays.x_train[keep], y[keep], arrays.x_test, arrays.y_test,
+                       arrays.x_train[is_val], y[is_val])
