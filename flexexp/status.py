@@ -223,10 +223,11 @@ def eta_line(groups: Mapping[str, Sequence[tuple[str, str, Any]]]) -> str:
     left = sum(len(v) for k, v in groups.items() if k != "completed")
     if left == 0:
         return "ETA 0s: every cell completed"
+    cells = f"{left} cell{'s' if left != 1 else ''} not completed"
     if not times:
-        return f"ETA unknown: {left} cells not completed, none completed with a wall time yet"
+        return f"ETA unknown: {cells}, none completed with a wall time yet"
     mean = sum(times) / len(times)
-    return (f"ETA {human_duration(mean * left)}: {left} cells not completed x "
+    return (f"ETA {human_duration(mean * left)}: {cells} x "
             f"{human_duration(mean)} per cell (mean wall_time_s of {len(times)} completed, "
             "one cell at a time)")
 
