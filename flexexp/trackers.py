@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import secrets
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ METRICS_FILE = "metrics.csv"
 WANDB_MODES = ("online", "offline", "disabled")
 #: How a cell's status reads in MLflow.
 MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}
+FINISH_TRIES = 3  # attempts to end a tracker run (1 s, then 2 s apart)
 
 
 class TrackerError(FlexexpError, RuntimeError):
@@ -289,8 +291,6 @@ class MlflowTracker(Tracker):
         return run.info.run_id
 
     def log(self, entry: dict[str, Any], model: Any) -> None:
-        import time
-
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -423,11 +423,17 @@ class Trackers:
             self.epochs(record["history"])
         while self.opened:
             t = self.opened.pop(0)
-            try:
-                t.finish(status, record)
-            except Exception as exc:
-                log.warning("%s: could not end its run as %s (%s: %s)", t.name, status,
-                            type(exc).__name__, exc)
+            for attempt in range(FINISH_TRIES):  # a store busy for a moment (SQLite, a
+                try:                             # server restarting): the status matters
+                    t.finish(status, record)
+                    break
+                except Exception as exc:
+                    if attempt + 1 == FINISH_TRIES:
+                        log.warning("%s: could not end its run as %s (%s: %s); it shows as "
+                                    "running until the cell runs again", t.name, status,
+                                    type(exc).__name__, exc)
+                    else:
+                        time.sleep(2 ** attempt)
 
 
 def _read_state(path: Path) -> dict[str, Any]:

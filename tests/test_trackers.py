@@ -343,3 +343,18 @@ def test_a_tracker_that_fails_mid_run_gets_the_missed_epochs_later(tmp_path, mon
     assert rec["status"] == "completed"  # training never stops for a tracker
     assert "csv: could not log epoch 1 (ConnectionError: tracker away)" in caplog.text
     assert list(pd.read_csv(tmp_path / "run" / trackers.METRICS_FILE).epoch) == [1, 2]
+
+
+def test_ending_a_tracker_run_is_tried_again_when_the_store_is_busy(tmp_path, monkeypatch):
+    real, calls = trackers.CsvTracker.finish, {"n": 0}
+
+    def busy_once(self, status, record):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError("database is locked")
+        real(self, status, record)
+
+    monkeypatch.setattr(trackers.CsvTracker, "finish", busy_once)
+    monkeypatch.setattr(trackers.time, "sleep", lambda s: None)
+    trainer.run(make_cfg([*TINY, "logger=csv"]), tmp_path / "run")
+    assert calls["n"] == 2  # the second try ended it
