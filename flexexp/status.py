@@ -20,7 +20,6 @@ cell at a time). A running sweep prints its own progress (:func:`progress_line`,
 from __future__ import annotations
 
 import math
-import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -137,9 +136,10 @@ def progress_line(rows: Sequence[Mapping[str, Any]], start: float | None,
 
 
 def lock_holder(run_dir: Path) -> int | None:
-    """The pid in ``run_dir/.lock`` while a live process holds it (``0``: held, no pid
-    written yet); None when nobody holds it. Tests the lock with a shared lock taken and
-    dropped at once, only when the pid written there is alive (a dead one holds nothing)."""
+    """The pid in ``run_dir/.lock`` while a process holds it (``0``: held, no pid written
+    yet); None when nobody holds it. Tests the lock itself with a shared lock taken and
+    dropped at once: the pid is only shown, since the holder may run on another host of a
+    cluster (where this machine cannot see its pid) and a dead process holds no lock."""
     import fcntl
 
     path = run_dir / ".lock"
@@ -147,8 +147,6 @@ def lock_holder(run_dir: Path) -> int | None:
         with open(path, encoding="utf-8") as f:
             text = f.read().strip()
             pid = int(text) if text.isdigit() else 0
-            if pid and not _alive(pid):
-                return None
             try:
                 fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -157,16 +155,6 @@ def lock_holder(run_dir: Path) -> int | None:
             return None
     except OSError:
         return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _record(run_dir: Path) -> dict[str, Any] | None:

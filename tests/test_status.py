@@ -212,7 +212,8 @@ HOLD_LOCK = """
 import fcntl, os, sys
 f = open(sys.argv[1], "a+")
 fcntl.flock(f, fcntl.LOCK_EX)
-f.seek(0); f.truncate(); f.write(str(os.getpid())); f.flush()
+f.seek(0); f.truncate(); f.write(sys.argv[2] if len(sys.argv) > 2 else str(os.getpid()))
+f.flush()
 print("locked", flush=True)
 sys.stdin.read()
 """
@@ -318,3 +319,20 @@ def test_status_help_names_the_command(tmp_path):
     assert proc.returncode == 0 and "report --status [experiment=NAME]" in proc.stdout
     proc = run_cli(["--help"], cwd=tmp_path, module="flexexp.report")
     assert proc.returncode == 0 and "--status" in proc.stdout
+
+
+def test_a_cell_locked_from_another_host_is_running(tmp_path):
+    """On a cluster the lock's holder runs elsewhere: its pid means nothing here (not a
+    process of this machine), the held lock says running."""
+    run_dir = tmp_path / "cell"
+    write(run_dir, status="running")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir / ".lock"),
+                               "3999999"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert status.cell_state(run_dir)[:2] == ("running", "pid 3999999")
+    finally:
+        holder.kill()
+        holder.wait()
+    assert status.cell_state(run_dir)[0] == "interrupted"  # the holder is gone
