@@ -49,6 +49,12 @@ METRICS_FILE = "metrics.csv"
 WANDB_MODES = ("online", "offline", "disabled")
 #: How a cell's status reads in MLflow.
 MLFLOW_STATUS = {"completed": "FINISHED", "interrupted": "KILLED"}
+#: MLflow's HTTP retries for a server, unless set in the environment: its own defaults
+#: (7 retries, backoff factor 2, 120 s timeout) stall a run for minutes on every call
+#: while a server is down
+MLFLOW_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+PROBE_TIMEOUT_S = 10  # a server that does not answer /health in this time: not reachable
 FINISH_TRIES = 3  # attempts to end a tracker run (1 s, then 2 s apart)
 
 
@@ -230,6 +236,10 @@ class MlflowTracker(Tracker):
         try:
             if uri.startswith("file:") or "://" not in uri:  # a folder: the file store
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # chosen: allow it
+            if uri.startswith(("http://", "https://")):
+                for key, value in MLFLOW_HTTP.items():  # unless the user set them
+                    os.environ.setdefault(key, value)
+                _reachable(uri)
             from mlflow.tracking import MlflowClient
 
             with _store_lock(uri):  # sweep workers creating one store or experiment at once
@@ -304,6 +314,19 @@ class MlflowTracker(Tracker):
             self.client.log_artifact(self.run_id, str(result))
         self.client.set_tag(self.run_id, "flexexp.status", status)
         self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
+
+
+def _reachable(uri: str) -> None:
+    """An OSError unless the MLflow server at ``uri`` answers (any HTTP status: a server
+    behind a login answers too), within :data:`PROBE_TIMEOUT_S`."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=PROBE_TIMEOUT_S):
+            pass
+    except urllib.error.HTTPError:
+        pass
 
 
 @contextlib.contextmanager

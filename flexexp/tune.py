@@ -80,6 +80,8 @@ TUNE_KEYS = ("study", "n_trials", "sampler", "seed", "metric", "direction", "max
 KINDS = {"float": {"low", "high", "log", "step"}, "int": {"low", "high", "log", "step"},
          "categorical": {"choices"}, "sac_weights": {"low", "high"}}
 SAMPLERS = ("tpe", "random")
+#: The validation metrics of a run record a study may optimise, and their direction.
+METRICS = {"val_acc": "maximize", "val_loss": "minimize"}
 TEST_SPLIT = "tuning on the test split is not allowed"
 
 
@@ -134,6 +136,14 @@ def plan(argv: list[str]) -> Plan:
         raise ConfigError(f"unknown key tune.{unknown[0]}; the tune section's keys are "
                           f"{', '.join(TUNE_KEYS)} (conf/config.yaml).")
     metric, study = str(t.get("metric")), str(t.get("study"))
+    if metric.startswith("val_") and metric not in METRICS:
+        raise ConfigError(f"tune.metric={metric} is not a metric of the run record: use "
+                          f"{' or '.join(METRICS)} (tune.direction={METRICS['val_acc']} or "
+                          f"{METRICS['val_loss']}).")
+    if metric in METRICS and t.get("direction") in METRICS.values() \
+            and t.get("direction") != METRICS[metric]:
+        raise ConfigError(f"tune.direction={t.get('direction')} would pick the worst "
+                          f"{metric}: use tune.direction={METRICS[metric]}.")
     if float(cfg.dataset.val_fraction) == 0 or not metric.startswith("val_"):
         why = (f"tune.metric={metric} is not a metric of the validation split"
                if not metric.startswith("val_") else
@@ -230,10 +240,28 @@ def _param(cfg: DictConfig, key: str, spec: dict[str, Any]) -> Param:
                           "low < high.")
     if kind == "sac_weights":
         return _sac_param(cfg, key, low, high, where)
-    if spec.get("log") and low <= 0:
-        raise ConfigError(f"{where}: a log range needs low > 0 (low={low}).")
+    _check_scale(spec, kind, low, high, where)
     _check_range(key, (low, high), where)
     return Param(key, kind, low, high, bool(spec.get("log")), spec.get("step"))
+
+
+def _check_scale(spec: dict[str, Any], kind: str, low: float, high: float, where: str) -> None:
+    """``log`` and ``step`` as Optuna takes them, and whole bounds for an int range."""
+    log, step = spec.get("log"), spec.get("step")
+    if log is not None and not isinstance(log, bool):
+        raise ConfigError(f"{where}.log={log!r} must be true or false.")
+    if log and low <= 0:
+        raise ConfigError(f"{where}: a log range needs low > 0 (low={low}).")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, int | float) or not step > 0 \
+                or not math.isfinite(step):
+            raise ConfigError(f"{where}.step={step!r} must be a number > 0, e.g. step: 0.05.")
+        if log:
+            raise ConfigError(f"{where}: a log range takes no step (Optuna samples log ranges "
+                              "continuously): drop step or log.")
+    if kind == "int" and not all(float(v).is_integer() for v in (low, high, step or 1)):
+        raise ConfigError(f"{where}: an int range needs whole low, high and step (low={low}, "
+                          f"high={high}, step={step}).")
 
 
 def _check_key(cfg: DictConfig, key: str, kind: str, where: str) -> None:

@@ -191,8 +191,7 @@ def test_mlflow_server_on_localhost_receives_the_cell(tmp_path, mlflow_server):
     _assert_mlflow_run(client, found[0], rec, cell_name(make_cfg(args)))
 
 
-def test_unreachable_mlflow_server_stops_the_cell_before_training(tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+def test_unreachable_mlflow_server_stops_the_cell_before_training(tmp_path):
     runs = tmp_path / "runs"
     proc = run_cli([*TINY, "logger=mlflow", f"logger.tracking_uri=http://127.0.0.1:"
                     f"{_free_port()}", f"paths.runs={runs}"], cwd=tmp_path)

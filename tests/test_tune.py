@@ -234,6 +234,11 @@ def test_a_trial_composes_a_valid_cell_from_the_preset():
     (["tune.direction=up"], "tune.direction='up' must be maximize or minimize"),
     (["trainer.epochs=0"], "trainer.epochs=0 is outside its range"),
     (["tune.study=../x"], "tune.study='../x' must be a plain name"),
+    (["tune.metric=val_top5"], "tune.metric=val_top5 is not a metric of the run record"),
+    (["tune.direction=minimize"], "would pick the worst val_acc: use tune.direction=maximize"),
+    (["+tune.params.pool.reg.step=0.1"], "a log range takes no step"),
+    (["+tune.params.pool.dropout.step=0"], "step=0 must be a number > 0"),
+    (["+tune.params.model.depth={type:int,low:8,high:20.5}"], "an int range needs whole"),
 ])
 def test_bad_settings_exit_2_with_one_paragraph(tmp_path, capsys, extra, message):
     runs = tmp_path / "runs"
