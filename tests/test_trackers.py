@@ -357,3 +357,10 @@ def test_ending_a_tracker_run_is_tried_again_when_the_store_is_busy(tmp_path, mo
     monkeypatch.setattr(trackers.time, "sleep", lambda s: None)
     trainer.run(make_cfg([*TINY, "logger=csv"]), tmp_path / "run")
     assert calls["n"] == 2  # the second try ended it
+
+
+def test_wandb_disabled_mode_trains_and_writes_no_wandb_files(tmp_path):
+    rec = trainer.run(make_cfg([*TINY, "logger=wandb", "logger.mode=disabled"]),
+                      tmp_path / "run")
+    assert rec["status"] == "completed"
+    assert not list((tmp_path / "run").glob("wandb/offline-run-*"))
