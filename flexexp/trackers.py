@@ -412,6 +412,7 @@ class Trackers:
             self.items.append(CLASSES[name](cfg, Path(run_dir), cell,
                                             self.state.setdefault(name, {}), self.save))
         self.opened: list[Tracker] = []
+        self.first = True  # the first epoch this process trains: where it started from
 
     def save(self) -> None:
         write_json(self.path, self.state)
@@ -430,15 +431,33 @@ class Trackers:
 
     def epochs(self, history: list[dict[str, Any]], model: Any = None) -> None:
         """Send each tracker the epochs of ``history`` it has not received (call it after
-        the epoch's checkpoint). A tracker that fails gets them again next time."""
+        the epoch's checkpoint, with the ``model`` that trained the last one; None: a
+        catch-up). A tracker that fails gets them again next time."""
+        start = history[-1]["epoch"] - 1 if history and model is not None else None
         for t in self.opened:
             try:
+                if start is not None and self.first and int(t.state.get("epoch", 0)) > start:
+                    self._start_again(t, start)
                 t.history(history, model)
             except Exception as exc:
                 log.warning("%s: could not log epoch %d (%s: %s); it is sent again with the "
                             "next epoch", t.name, history[-1]["epoch"], type(exc).__name__, exc)
+        if start is not None:
+            self.first = False
         if self.opened:
             self.save()
+
+    def _start_again(self, t: Tracker, start: int) -> None:
+        """The cell trains again from ``start`` but ``t``'s run holds later epochs (its
+        checkpoint was lost or moved aside): end that run as killed, start a new one, so no
+        run mixes epochs of two trainings."""
+        log.warning("%s: this cell trains again from epoch %d but its run %s holds epochs up "
+                    "to %d (the checkpoint was lost or unreadable): that run ends as killed "
+                    "and a new one starts", t.name, start, t.state.get("run_id", ""),
+                    t.state.get("epoch"))
+        t.finish("interrupted", {})
+        t.state.clear()
+        t.open()
 
     def finish(self, status: str, record: dict[str, Any]) -> None:
         """Send what is left of the history, then end each run with the cell's status."""

@@ -15,7 +15,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from helpers import KILL_MID_EPOCH_2, TINY, make_cfg, only_run_dir, run_cli, start_train
+from helpers import (
+    KILL_MID_EPOCH_2,
+    TINY,
+    interrupt_in_epoch_2,
+    make_cfg,
+    only_run_dir,
+    run_cli,
+    start_train,
+)
 
 from flexexp import trackers, trainer
 from flexexp.config import cell_name
@@ -364,3 +372,28 @@ def test_wandb_disabled_mode_trains_and_writes_no_wandb_files(tmp_path):
                       tmp_path / "run")
     assert rec["status"] == "completed"
     assert not list((tmp_path / "run").glob("wandb/offline-run-*"))
+
+
+def test_a_cell_that_starts_again_from_scratch_gets_new_tracker_runs(tmp_path, monkeypatch,
+                                                                     caplog):
+    """Its checkpoint unreadable, a cell trains from epoch 0 again: the tracker run holding
+    the old epoch 1 ends KILLED and a new run gets the new training, so no run mixes two."""
+    uri = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    cfg = make_cfg([*TINY, "trainer.epochs=3", "logger=[mlflow,csv]",
+                    f"logger.tracking_uri={uri}"])
+    run_dir = tmp_path / "run"
+    interrupt_in_epoch_2(cfg, run_dir, monkeypatch)  # the trackers hold epoch 1
+    old = read_json(run_dir / trackers.STATE_FILE)["mlflow"]["run_id"]
+    (run_dir / "last.pt").write_bytes(b"not a checkpoint")  # moved aside: a fresh start
+    rec = trainer.run(cfg, run_dir)
+    assert rec["resumed_from_epoch"] is None
+    assert "trains again from epoch 0 but its run" in caplog.text
+    client, found = _mlflow_runs(uri)
+    runs = {r.info.run_id: r for r in found}
+    assert set(runs) == {old, read_json(run_dir / trackers.STATE_FILE)["mlflow"]["run_id"]}
+    assert runs[old].info.status == "KILLED"
+    assert [m.step for m in client.get_metric_history(old, "train/loss")] == [1]
+    new = next(r for r in found if r.info.run_id != old)
+    _assert_mlflow_run(client, new, rec, cell_name(cfg))
+    assert list(pd.read_csv(run_dir / trackers.METRICS_FILE).epoch) == [1, 2, 3]
