@@ -12,8 +12,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "write_json", "read_json", "diff_keys",
-           "FILE_MODE"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "write_json", "read_json", "flat_keys",
+           "diff_keys", "FILE_MODE"]
 
 
 def _read_umask() -> int:
@@ -74,6 +74,16 @@ def _finite(obj: Any) -> Any:
 def read_json(path: str | Path) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def flat_keys(node: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as dotted keys: ``{"dataset.name": "digits", ...}`` (leaves only)."""
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(flat_keys(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

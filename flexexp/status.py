@@ -29,7 +29,7 @@ from flexexp.errors import ConfigError
 from flexexp.files import read_json
 
 __all__ = ["STATES", "human_duration", "sweep_cells", "sweep_size", "outcome",
-           "progress_line", "lock_holder", "cell_state", "collect", "eta_line",
+           "progress_line", "lock_holder", "read_record", "cell_state", "collect", "eta_line",
            "format_status", "main", "USAGE"]
 
 STATES = ("completed", "running", "failed", "interrupted", "missing")
@@ -157,7 +157,8 @@ def lock_holder(run_dir: Path) -> int | None:
         return None
 
 
-def _record(run_dir: Path) -> dict[str, Any] | None:
+def read_record(run_dir: Path) -> dict[str, Any] | None:
+    """``run_dir/result.json`` as a dict; None when absent or not a readable JSON object."""
     try:
         rec = read_json(run_dir / RESULT_FILE)
     except (OSError, ValueError):
@@ -172,7 +173,7 @@ def first_line(text: Any) -> str:
 
 def cell_state(run_dir: Path) -> tuple[str, str, dict[str, Any] | None]:
     """``(state, detail, record)`` of one cell's run directory (states: :data:`STATES`)."""
-    rec = _record(run_dir)
+    rec = read_record(run_dir)
     status = rec.get("status") if rec else None
     if status == "completed":
         acc = rec.get("test_acc")

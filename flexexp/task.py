@@ -30,7 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from flexexp import console, rundir, signals, status, trainer
 from flexexp.config import cell_hash
 from flexexp.errors import FlexexpError
-from flexexp.tracking import RESULT_FILE, read_json
+from flexexp.tracking import RESULT_FILE
 
 __all__ = ["task", "SweepStatus", "note", "summary", "SWEEP_LOG_ENV"]
 
@@ -106,11 +106,8 @@ def _failed(cfg: DictConfig, out: Path, exc: Exception, sweep: bool) -> None:
 
 
 def _status(run_dir: Path) -> str | None:
-    try:
-        rec = read_json(run_dir / RESULT_FILE)
-    except (OSError, ValueError):
-        return None
-    return rec.get("status") if isinstance(rec, dict) else None
+    rec = status.read_record(run_dir)
+    return rec.get("status") if rec else None
 
 
 # ---------------------------------------------------------------------------- sweeps

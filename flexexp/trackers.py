@@ -36,7 +36,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from flexexp.errors import ConfigError, FlexexpError
-from flexexp.files import atomic_write_text, read_json, write_json
+from flexexp.files import atomic_write_text, flat_keys, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -136,14 +136,14 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
-    """A nested mapping as dotted keys: ``{"dataset.name": "digits", ...}``."""
-    if not isinstance(node, dict):
-        return {prefix: node}
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
+def _config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as dotted keys, Hydra's own node left out: a tracker's params."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in flat_keys(config).items() if k.split(".")[0] != "hydra"}
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 # ---------------------------------------------------------------------------- trackers
@@ -251,9 +251,9 @@ class MlflowTracker(Tracker):
                                "-e . installs it, or drop mlflow from logger.") from exc
         except Exception as exc:  # MlflowException, a connection refused, ...
             raise TrackerError(
-                f"MLflow at {uri} could not start this cell's run ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}). Start the tracking server, "
-                "fix logger.tracking_uri, or drop mlflow from logger; nothing was trained."
+                f"MLflow at {uri} could not start this cell's run ({_first_line(exc)}). Start "
+                "the tracking server, fix logger.tracking_uri, or drop mlflow from logger; "
+                "nothing was trained."
             ) from exc
 
     def _experiment(self, uri: str) -> str:
@@ -294,8 +294,7 @@ class MlflowTracker(Tracker):
         self.state.clear()
         self.state.update(run_id=run.info.run_id, uri=uri, epoch=0)
         self.save()  # at once: a kill from here on still finds this run
-        config = OmegaConf.to_container(self.cfg, resolve=True)
-        params = [Param(k, str(v)[:500]) for k, v in _flat(config).items() if k != "hydra"]
+        params = [Param(k, str(v)[:500]) for k, v in _config(self.cfg).items()]
         for i in range(0, len(params), 100):  # MLflow takes at most 100 params a call
             self.client.log_batch(run.info.run_id, params=params[i:i + 100])
         return run.info.run_id
@@ -364,18 +363,16 @@ class WandbTracker(Tracker):
             self.state.update(run_id=secrets.token_hex(6), epoch=0)
             self.save()  # before init: a kill from here on still finds this id
         lg = self.cfg.logger
-        config = OmegaConf.to_container(self.cfg, resolve=True)
         try:
             self.run = wandb.init(
                 project=str(lg.project), entity=lg.get("entity"), name=self.cell,
                 id=self.state["run_id"], resume="allow", mode=str(lg.mode),
-                dir=str(self.run_dir), config={k: v for k, v in _flat(config).items()
-                                               if not k.startswith("hydra")},
+                dir=str(self.run_dir), config=_config(self.cfg),
                 settings=wandb.Settings(console="off", silent=True))
         except Exception as exc:
             raise TrackerError(
                 f"W&B (logger.mode={lg.mode}) could not start this cell's run "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                f"({_first_line(exc)}). "
                 "Use logger.mode=offline where there is no network or account (upload later "
                 "with wandb sync); nothing was trained.") from exc
 

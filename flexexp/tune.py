@@ -58,7 +58,7 @@ from flexexp.config import (
     validate,
 )
 from flexexp.errors import ConfigError, FlexexpError
-from flexexp.files import diff_keys
+from flexexp.files import diff_keys, flat_keys
 
 log = logging.getLogger(__name__)
 
@@ -208,12 +208,6 @@ def _space(cfg: DictConfig, params: dict[str, Any], given: list[str]) -> list[Pa
     return space
 
 
-def _leaf_keys(node: Any, prefix: str = "") -> list[str]:
-    if isinstance(node, dict):
-        return [k for key, v in node.items() for k in _leaf_keys(v, f"{prefix}{key}.")]
-    return [prefix.rstrip(".")]
-
-
 def _param(cfg: DictConfig, key: str, spec: dict[str, Any]) -> Param:
     """One search range, checked against the config and the key's valid range."""
     where = f"tune.params.{key}"
@@ -280,7 +274,7 @@ def _check_key(cfg: DictConfig, key: str, kind: str, where: str) -> None:
                "changes the validation split itself, so trials would not be comparable")
         raise ConfigError(f"{where}: {key} {why}; search another key.")
     if OmegaConf.select(cfg, key, default="<absent>", throw_on_missing=False) == "<absent>":
-        keys = _leaf_keys(OmegaConf.to_container(cfg, resolve=False))
+        keys = list(flat_keys(OmegaConf.to_container(cfg, resolve=False)))
         close = difflib.get_close_matches(key, keys, n=1)
         raise ConfigError(f"{where}: the config has no key {key!r}."
                           f"{f' Did you mean {close[0]!r}?' if close else ''} See the keys "

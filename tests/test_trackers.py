@@ -335,17 +335,24 @@ def _assert_tensorboard_steps(run_dir: Path, tag: str, steps: list[int]) -> None
     assert sorted(seen) == steps, seen
 
 
-def test_a_tracker_that_fails_mid_run_gets_the_missed_epochs_later(tmp_path, monkeypatch,
-                                                                   caplog):
-    real, calls = trackers.CsvTracker.history, {"n": 0}
+def _fail_once(monkeypatch, method: str, exc: Exception) -> dict:
+    """Make ``CsvTracker.<method>`` raise ``exc`` at its first call, then work; the
+    returned ``{"n": calls}`` counts the calls."""
+    real, calls = getattr(trackers.CsvTracker, method), {"n": 0}
 
-    def flaky(self, history, model):
+    def once(self, *args):
         calls["n"] += 1
         if calls["n"] == 1:
-            raise ConnectionError("tracker away")
-        real(self, history, model)
+            raise exc
+        real(self, *args)
 
-    monkeypatch.setattr(trackers.CsvTracker, "history", flaky)
+    monkeypatch.setattr(trackers.CsvTracker, method, once)
+    return calls
+
+
+def test_a_tracker_that_fails_mid_run_gets_the_missed_epochs_later(tmp_path, monkeypatch,
+                                                                   caplog):
+    _fail_once(monkeypatch, "history", ConnectionError("tracker away"))
     rec = trainer.run(make_cfg([*TINY, "trainer.epochs=2", "logger=csv"]), tmp_path / "run")
     assert rec["status"] == "completed"  # training never stops for a tracker
     assert "csv: could not log epoch 1 (ConnectionError: tracker away)" in caplog.text
@@ -353,15 +360,7 @@ def test_a_tracker_that_fails_mid_run_gets_the_missed_epochs_later(tmp_path, mon
 
 
 def test_ending_a_tracker_run_is_tried_again_when_the_store_is_busy(tmp_path, monkeypatch):
-    real, calls = trackers.CsvTracker.finish, {"n": 0}
-
-    def busy_once(self, status, record):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise OSError("database is locked")
-        real(self, status, record)
-
-    monkeypatch.setattr(trackers.CsvTracker, "finish", busy_once)
+    calls = _fail_once(monkeypatch, "finish", OSError("database is locked"))
     monkeypatch.setattr(trackers.time, "sleep", lambda s: None)
     trainer.run(make_cfg([*TINY, "logger=csv"]), tmp_path / "run")
     assert calls["n"] == 2  # the second try ended it
