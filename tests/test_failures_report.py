@@ -316,18 +316,12 @@ def test_an_unreadable_cifar_batch_is_not_called_corrupt(tmp_path, monkeypatch):
     assert bad.exists() and cache_files(tmp_path) == []
 
 
-def test_an_unreadable_fashion_mnist_file_is_not_called_corrupt(tmp_path, monkeypatch):
-    write_fashion_mnist(tmp_path)
-    bad = tmp_path / "FashionMNIST" / "raw" / "t10k-labels-idx1-ubyte"
-    _deny_reading(monkeypatch, bad)
-    with pytest.raises(DataError) as err:
-        load_arrays(spec_for("fashion_mnist", tmp_path))
-    _assert_unreadable_message(str(err.value), bad)
-
-
-def test_an_unreadable_fashion_mnist_archive_is_not_called_corrupt(tmp_path, monkeypatch):
-    write_fashion_mnist(tmp_path, unpacked=False)
-    bad = tmp_path / "FashionMNIST" / "raw" / "train-images-idx3-ubyte.gz"
+@pytest.mark.parametrize("unpacked,name", [(True, "t10k-labels-idx1-ubyte"),
+                                           (False, "train-images-idx3-ubyte.gz")])
+def test_an_unreadable_fashion_mnist_file_is_not_called_corrupt(tmp_path, monkeypatch,
+                                                                unpacked, name):
+    write_fashion_mnist(tmp_path, unpacked=unpacked)  # a raw file, or a .gz archive
+    bad = tmp_path / "FashionMNIST" / "raw" / name
     _deny_reading(monkeypatch, bad)
     with pytest.raises(DataError) as err:
         load_arrays(spec_for("fashion_mnist", tmp_path))
